@@ -1,0 +1,118 @@
+"""bench/ingest: `wbs-dist ingest` vs pydicom decoding the same files, and store size vs DICOM size.
+
+One run, same files, same number of processes (2 by default, this machine's cores):
+  decode  what pydicom alone needs: dcmread + pixel_array for every object, in a process pool
+  ingest  the whole `wbs-dist ingest`: header pass, decode, view identification, masks, resampling
+          to the training level, compression, atomic study writes, lesion table
+Target (issue 2): ingest within 1.3x of decode; store no larger than the DICOM files.
+
+    .venv/bin/python bench/ingest.py [--patients 100] [--workers 2] [--out bench/out/ingest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pydicom
+
+
+def _decode(path: str) -> tuple[str, int]:
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    return str(ds.file_meta.TransferSyntaxUID.name), arr.nbytes
+
+
+def _warm(path: str) -> int:
+    import numpy  # noqa: F401  (import cost paid before timing, as ingest's workers do in their initializer)
+
+    return len(Path(path).read_bytes())
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--patients", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/ingest"))
+    ap.add_argument("--repeats", type=int, default=2, help="best of N for each side")
+    args = ap.parse_args()
+
+    from wbs_dist.ingest import run_ingest
+    from wbs_dist.synth import run_synth
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WBS_DIST_SECRET_FILE", str(args.out / "secret"))
+    archive = args.out / f"archive-{args.patients}-{args.seed}"
+    if not archive.exists():
+        run_synth(archive, patients=args.patients, seed=args.seed, form="dir")
+    files = sorted(str(p) for p in (archive / "DICOM").rglob("*") if p.is_file())
+    dicom_bytes = sum(Path(f).stat().st_size for f in files)
+
+    ctx = multiprocessing.get_context("spawn")
+    decode_times, ingest_times = [], []
+    forms: Counter = Counter()
+    for _ in range(args.repeats):
+        # Same pool set-up cost on both sides: a spawned pool that has imported pydicom and numpy.
+        with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+            list(pool.map(_warm, files, chunksize=8))
+            t0 = time.perf_counter()
+            results = list(pool.map(_decode, files, chunksize=1))
+            decode_times.append(time.perf_counter() - t0)
+        forms = Counter(ts for ts, _ in results)
+
+        store = args.out / "store.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        t0 = time.perf_counter()
+        rc = run_ingest(archive, store=store, workers=args.workers)
+        ingest_times.append(time.perf_counter() - t0)
+        assert rc == 0, f"ingest exit status {rc}"
+    store_bytes = tree_size(store)
+    n_studies = len([p for p in (store / "studies").iterdir() if p.is_dir()])
+
+    decode_t, ingest_t = min(decode_times), min(ingest_times)
+    result = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "patients": args.patients, "studies": n_studies, "dicom_files": len(files), "workers": args.workers,
+        "transfer_syntaxes": dict(forms),
+        "decode_s": decode_t, "ingest_s": ingest_t, "ingest_over_decode": ingest_t / decode_t,
+        "studies_per_s": n_studies / ingest_t,
+        "dicom_mb": dicom_bytes / 1e6, "store_mb": store_bytes / 1e6, "store_over_dicom": store_bytes / dicom_bytes,
+        "targets": {"ingest_over_decode": 1.3, "store_over_dicom": 1.0},
+    }
+    print(f"\n# bench/ingest on {result['machine']}")
+    print(f"# {n_studies} studies, {len(files)} DICOM files, {args.workers} processes, best of {args.repeats}")
+    print(f"{'':28}{'seconds':>10}{'ratio':>8}")
+    print(f"{'pydicom decode only':28}{decode_t:10.2f}{1.0:8.2f}")
+    print(f"{'wbs-dist ingest':28}{ingest_t:10.2f}{ingest_t / decode_t:8.2f}   (target <= 1.30)")
+    print(f"{'':28}{'MB':>10}{'ratio':>8}")
+    print(f"{'DICOM files':28}{dicom_bytes / 1e6:10.1f}{1.0:8.2f}")
+    print(f"{'Zarr store':28}{store_bytes / 1e6:10.1f}{store_bytes / dicom_bytes:8.2f}   (target <= 1.00)")
+    (args.out / "ingest.json").write_text(json.dumps(result, indent=1))
+    print(f"# wrote {args.out / 'ingest.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The annotation contract (DESIGN 3.2): annotations.csv rows and 16-bit PNG lesion label maps.
+
+Row problems are collected, not raised, so one bad row costs its own study and nothing else; a file
+that is not the contract's CSV at all (missing columns, not text) stops the run with exit 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+COLUMNS = ("study_uid", "view", "lesion_id", "label", "tumor_type")
+VIEWS = ("anterior", "posterior")
+LABELS = ("malignant", "benign")
+TUMOR_TYPES = ("lung", "prostate", "breast", "other")
+
+
+@dataclass
+class Lesion:
+    lesion_id: int
+    view: str
+    label: str
+    row: int                     # 1-based line in the CSV (header = line 1)
+
+
+@dataclass
+class StudyAnnotations:
+    lesions: list[Lesion] = field(default_factory=list)
+    tumor_type: str | None = None
+    problems: list[str] = field(default_factory=list)   # reasons this study's rows cannot be used
+
+    @property
+    def rows(self) -> list[int]:
+        return [les.row for les in self.lesions]
+
+
+def parse_annotations(data: bytes, name: str = "annotations.csv") -> dict[str, StudyAnnotations]:
+    """study_uid -> its lesions. Raises InputError when the file as a whole is unusable."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{name}: not UTF-8 text; expected a CSV with columns {', '.join(COLUMNS)}")
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"{name}: missing column(s) {', '.join(missing)} (line 1 has: {', '.join(header) or 'nothing'})")
+    reader.fieldnames = header
+    studies: dict[str, StudyAnnotations] = defaultdict(StudyAnnotations)
+    seen: dict[tuple[str, int], int] = {}
+    try:
+        for row in reader:
+            line = reader.line_num
+            values = {k: (row.get(k) or "").strip() for k in COLUMNS}
+            uid = values["study_uid"]
+            if not uid:
+                # Without a study we cannot attach the problem to anything: a file-level error.
+                raise InputError(f"{name} line {line}: empty study_uid")
+            st = studies[uid]
+            problem = None
+            try:
+                lid = int(values["lesion_id"])
+            except ValueError:
+                lid = None
+            if None in row.values() or None in row:
+                problem = f"line {line}: wrong number of fields"
+            elif lid is None or lid < 1 or lid > 65535:
+                problem = f"line {line} column lesion_id: {values['lesion_id']!r} is not an integer in 1..65535"
+            elif values["view"] not in VIEWS:
+                problem = f"line {line} column view: {values['view']!r} is not anterior|posterior"
+            elif values["label"] not in LABELS:
+                problem = f"line {line} column label: {values['label']!r} is not malignant|benign"
+            elif values["tumor_type"] not in TUMOR_TYPES:
+                problem = f"line {line} column tumor_type: {values['tumor_type']!r} is not {'|'.join(TUMOR_TYPES)}"
+            elif (uid, lid) in seen:
+                problem = f"conflicting lesion ids: lesion {lid} appears on lines {seen[(uid, lid)]} and {line}"
+            elif st.tumor_type not in (None, values["tumor_type"]):
+                problem = f"line {line} column tumor_type: {values['tumor_type']!r} differs from {st.tumor_type!r} earlier in the study"
+            if problem:
+                st.problems.append(problem)
+                continue
+            seen[(uid, lid)] = line
+            st.tumor_type = values["tumor_type"]
+            st.lesions.append(Lesion(lid, values["view"], values["label"], line))
+    except csv.Error as exc:
+        raise InputError(f"{name} line {reader.line_num}: not valid CSV ({exc})")
+    return dict(studies)
+
+
+def read_mask(data: bytes, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """A lesion label map as uint16, checked against the view's shape. Raises ValueError(reason)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.format != "PNG":
+                raise ValueError(f"{name}: not a PNG ({img.format})")
+            if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
+                raise ValueError(f"{name}: PNG mode {img.mode}, expected 16-bit greyscale label map")
+            arr = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{name}: unreadable PNG ({exc})")
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected a single-channel image, got shape {arr.shape}")
+    if arr.min() < 0 or arr.max() > 65535:
+        raise ValueError(f"{name}: values outside 0..65535")
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name}: mask size {arr.shape[0]}x{arr.shape[1]} does not match the view's {shape[0]}x{shape[1]}")
+    return arr.astype(np.uint16)

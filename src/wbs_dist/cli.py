@@ -1,0 +1,145 @@
+"""The `wbs-dist` command: parse, dispatch, map errors to exit statuses (DESIGN 3.1).
+
+Each subcommand lives in the module that owns the concept; this file only wires arguments to a
+`run_*` function and turns `WbsError` into a one-line message. Exit statuses: 0 success, 2 usage or
+config error, 3 finished but some inputs were skipped, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_FAILURE, EXIT_USAGE, WbsError
+
+log = logging.getLogger("wbs_dist")
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits 2 on usage errors already; keep that, but make the message one line.
+    def error(self, message):  # noqa: D401
+        self.print_usage(sys.stderr)
+        print(f"wbs-dist: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _cmd_synth(args) -> int:
+    from .synth import run_synth
+
+    return run_synth(args.out, patients=args.patients, seed=args.seed, form=args.form)
+
+
+def _cmd_ingest(args) -> int:
+    from .ingest import run_ingest
+
+    return run_ingest(
+        args.archive,
+        store=args.store,
+        annotations=args.annotations,
+        secret_file=args.secret_file,
+        workers=args.workers,
+        train_size=args.train_size,
+        errors_path=args.errors,
+    )
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, patients=args.patients, seed=args.seed, workers=args.workers)
+
+
+def _cmd_report(args) -> int:
+    from .report import run_report
+
+    return run_report(args.predictions, out=args.out, threshold=args.threshold)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 512x256, got {text!r}")
+    if h < 8 or w < 8 or w % 2:
+        raise argparse.ArgumentTypeError(f"size {text!r}: both sides >= 8 and an even width (two views)")
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wbs-dist", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"wbs-dist {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("synth", help="write a synthetic whole-body bone-scan DICOM archive",
+                       description="Write a synthetic archive that looks like a hospital export: NM "
+                       "whole-body DICOM in the forms converters meet, annotations.csv and lesion masks.")
+    s.add_argument("out", type=Path, help="output folder, or a path ending in .zip / .tar / .tar.gz")
+    s.add_argument("--patients", type=int, default=100, help="number of patients (default 100)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; the archive is deterministic for it")
+    s.add_argument("--form", choices=["dir", "zip", "tar"], default=None,
+                   help="archive form (default: from OUT's suffix, else a folder)")
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("ingest", help="DICOM archive + annotations -> de-identified Zarr store",
+                       description="Read a folder, .zip or .tar(.gz) of whole-body bone scans and write a "
+                       "chunked, de-identified Zarr v3 store. Resumable: rerun to finish an interrupted run.")
+    s.add_argument("archive", type=Path, help="folder, .zip, .tar, .tar.gz or .tgz")
+    s.add_argument("--store", type=Path, required=True, help="Zarr store to create or complete")
+    s.add_argument("--annotations", type=Path, default=None,
+                   help="folder holding annotations.csv and masks/ (default: inside the archive)")
+    s.add_argument("--secret-file", type=Path, default=None,
+                   help="HMAC secret for pseudonyms, kept outside the store (default: "
+                   "$WBS_DIST_SECRET_FILE or ~/.config/wbs_dist/secret; created 0600 on first use)")
+    s.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    s.add_argument("--train-size", type=_size, default=(512, 256),
+                   help="training-resolution level HEIGHTxWIDTH, both views side by side (default 512x256)")
+    s.add_argument("--errors", type=Path, default=None,
+                   help="CSV listing skipped inputs and reasons (default: STORE.errors.csv beside the store)")
+    s.set_defaults(func=_cmd_ingest)
+
+    s = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic archive",
+                       description="Synthesise an archive, ingest it and print what was made: the README's "
+                       "first command. Rerunning reuses what is already there.")
+    s.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
+    s.add_argument("--patients", type=int, default=60, help="synthetic patients (default 60)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive")
+    s.add_argument("--workers", type=int, default=2, help="ingest processes (default 2)")
+    s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("report", help="metrics, tables and plots from predictions CSVs",
+                       description="Compute the study's statistics from one or more predictions CSVs "
+                       "(DESIGN 3.3) and write metrics.json, Markdown tables, plots and an HTML report.")
+    s.add_argument("predictions", type=Path, nargs="+", help="predictions CSV(s); several = one run each")
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--threshold", default="0.5",
+                   help="decision threshold: a number in [0,1], or 'youden' (chosen on training folds only)")
+    s.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except WbsError as exc:
+        print(f"wbs-dist {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"wbs-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a bad input: keep the traceback for the report
+        if args.verbose:
+            raise
+        log.exception("wbs-dist %s failed: %s", args.command, exc)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Pseudonyms and what is kept: the store's only link to a patient is a keyed hash.
+
+Keys are HMAC-SHA256 of the original identifier under a site secret that lives outside the store
+(created on first use, mode 0600), truncated to 64 bits and written as 16 hex digits. Without the
+secret the keys cannot be linked back to patients, and two sites get unrelated keys.
+
+What the store keeps of a DICOM object is an allow-list (KEPT_ATTRIBUTES), in the spirit of the DICOM
+Basic Application Level Confidentiality Profile (PS3.15 E.1): technical attributes needed to read the
+pixels and compare cameras; no names, IDs, dates, institution, device serials or private tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from .errors import UsageError
+
+SECRET_ENV = "WBS_DIST_SECRET_FILE"
+
+# Attributes copied into a study's metadata. Everything else is dropped.
+KEPT_ATTRIBUTES = (
+    "Modality",
+    "SOPClassUID",
+    "Manufacturer",             # camera vendor: the study used two; a site may compare them
+    "ManufacturerModelName",
+    "Rows",
+    "Columns",
+    "BitsStored",
+    "PixelRepresentation",
+    "PixelSpacing",
+)
+
+
+def default_secret_path() -> Path:
+    env = os.environ.get(SECRET_ENV)
+    if env:
+        return Path(env)
+    return Path.home() / ".config" / "wbs_dist" / "secret"
+
+
+def load_or_create_secret(path: Path | None = None) -> bytes:
+    path = Path(path) if path is not None else default_secret_path()
+    if path.exists():
+        mode = path.stat().st_mode & 0o077
+        if mode:
+            raise UsageError(f"secret file {path} is readable by others (mode {oct(path.stat().st_mode & 0o777)}); "
+                             f"run: chmod 600 {path}")
+        data = path.read_bytes().strip()
+        if len(data) < 32:
+            raise UsageError(f"secret file {path} is too short to be a secret (need >= 32 bytes)")
+        return data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = secrets.token_hex(32).encode()
+    # O_EXCL: two processes creating the secret at once must not end with different secrets.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data + b"\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return load_or_create_secret(path)
+
+
+def keyed_hash(secret: bytes, kind: str, value: str) -> str:
+    """16 hex digits identifying `value` of `kind` ('patient', 'study') under `secret`."""
+    mac = hmac.new(secret, f"{kind}:{value}".encode(), hashlib.sha256)
+    return mac.hexdigest()[:16]

@@ -1,0 +1,189 @@
+"""One DICOM object → its planar views with pixels and the few attributes we keep, or a reason why not.
+
+Accepted: nuclear-medicine planar images — NM Image Storage, and Secondary Capture objects whose
+Modality is NM (screen captures and converted archives; the NEMA NM1 scan is one). Views are
+identified from the DICOM only: the View Code Sequence of the frame's detector (PS3.3 C.8.4.11), then
+ANT/POST words in the code meaning or the descriptions; a view that cannot be identified stays
+`unknown` — never guessed from frame order.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from .deid import KEPT_ATTRIBUTES
+
+NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
+SECONDARY_CAPTURE = {
+    "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.2",    # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",    # Multi-frame Grayscale Word SC
+}
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an image
+
+# SNOMED CT codes and their legacy SNOMED RT equivalents (DICOM CID 26 "Nuclear Medicine Projections").
+VIEW_CODES = {
+    "399321004": "anterior", "G-5215": "anterior",
+    "399001007": "posterior", "G-5216": "posterior",
+}
+_ANT_WORDS = {"ANT", "ANTERIOR"}
+_POST_WORDS = {"POST", "POSTERIOR", "PST"}
+_DETECTOR_VECTOR = 0x00540020
+
+
+class Rejected(Exception):
+    """This object cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass
+class Header:
+    """What grouping needs, read without the pixels."""
+
+    study_uid: str
+    patient_id: str
+    sop_uid: str
+    directory: bool = False  # a DICOMDIR index: skipped quietly
+
+
+@dataclass
+class View:
+    name: str                  # anterior | posterior | unknown
+    pixels: np.ndarray         # (rows, cols), source dtype, native byte order
+
+
+@dataclass
+class DecodedObject:
+    views: list[View]
+    meta: dict                 # allow-listed attributes (deid.KEPT_ATTRIBUTES) + transfer syntax
+
+
+def _read(data, stop_before_pixels: bool) -> pydicom.Dataset:
+    """`data` is bytes or a seekable binary file object."""
+    if isinstance(data, (bytes, bytearray)):
+        if not data:
+            raise Rejected("empty file")
+        data = io.BytesIO(data)
+    try:
+        return pydicom.dcmread(data, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        raise Rejected("not a DICOM file (no DICM preamble or recognisable header)")
+    except Exception as exc:  # pydicom raises many types on garbage; all mean the same to a user
+        raise Rejected(f"unreadable DICOM header ({type(exc).__name__}: {exc})")
+
+
+def read_header(data) -> Header:
+    ds = _read(data, stop_before_pixels=True)
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", ""))
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return Header("", "", "", directory=True)
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    sop = str(ds.get("SOPInstanceUID", "") or "")
+    if not study:
+        raise Rejected("no Study Instance UID")
+    if not sop:
+        raise Rejected("no SOP Instance UID")
+    _check_modality(ds)
+    return Header(study_uid=study, patient_id=str(ds.get("PatientID", "") or ""), sop_uid=sop)
+
+
+def _check_modality(ds: pydicom.Dataset) -> None:
+    sop_class = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", ""))
+    if sop_class == NM_IMAGE_STORAGE or (sop_class in SECONDARY_CAPTURE and modality == "NM"):
+        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        if any("TOMO" in v for v in image_type[2:3]):
+            raise Rejected(f"NM tomography ({image_type[2]}), not a planar whole-body image")
+        return
+    try:
+        name = pydicom.uid.UID(sop_class).name
+    except Exception:
+        name = sop_class
+    raise Rejected(f"not a nuclear-medicine planar image (Modality {modality or 'missing'}, {name or 'no SOP class'})")
+
+
+def _words(text) -> set[str]:
+    return set(re.split(r"[^A-Z]+", str(text).upper())) - {""}
+
+
+def _view_from_text(*texts) -> str:
+    words = set().union(*(_words(t) for t in texts if t))
+    ant, post = bool(words & _ANT_WORDS), bool(words & _POST_WORDS)
+    if ant != post:
+        return "anterior" if ant else "posterior"
+    return "unknown"  # neither, or both ("ANT/POST" on a side-by-side capture)
+
+
+def _view_from_detector_item(item) -> str:
+    for code in item.get("ViewCodeSequence") or []:
+        view = VIEW_CODES.get(str(code.get("CodeValue", "")))
+        if view:
+            return view
+        view = _view_from_text(code.get("CodeMeaning", ""))
+        if view != "unknown":
+            return view
+    return "unknown"
+
+
+def identify_views(ds: pydicom.Dataset, n_frames: int) -> list[str]:
+    """One view name per frame, from the DICOM alone."""
+    detectors = list(ds.get("DetectorInformationSequence") or [])
+    pointers = ds.get("FrameIncrementPointer")
+    if pointers is not None and not isinstance(pointers, (list, tuple, pydicom.multival.MultiValue)):
+        pointers = [pointers]
+    names = ["unknown"] * n_frames
+    if detectors:
+        vector = ds.get("DetectorVector")
+        if vector is not None and not isinstance(vector, (list, tuple, pydicom.multival.MultiValue)):
+            vector = [vector]
+        indexed = pointers is not None and _DETECTOR_VECTOR in [int(p) for p in pointers]
+        for i in range(n_frames):
+            if indexed and vector is not None and i < len(vector) and 1 <= int(vector[i]) <= len(detectors):
+                names[i] = _view_from_detector_item(detectors[int(vector[i]) - 1])
+            elif len(detectors) == 1:
+                names[i] = _view_from_detector_item(detectors[0])
+    if n_frames == 1 and names[0] == "unknown":
+        names[0] = _view_from_text(ds.get("SeriesDescription", ""), ds.get("ImageComments", ""),
+                                   ds.get("ImageID", ""), ds.get("DerivationDescription", ""))
+    return names
+
+
+def decode(data: bytes) -> DecodedObject:
+    ds = _read(data, stop_before_pixels=False)
+    _check_modality(ds)
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise Rejected("no pixel data")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise Rejected(f"colour image (SamplesPerPixel {ds.SamplesPerPixel}), expected greyscale counts")
+    meta_group = getattr(ds, "file_meta", None)
+    ts = str(meta_group.get("TransferSyntaxUID", "")) if meta_group is not None else ""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # truncated, corrupt stream, missing decoder: all stop this object
+        msg = str(exc).splitlines()[0][:300]
+        raise Rejected(f"pixel data could not be decoded ({type(exc).__name__}: {msg})")
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = arr if (n_frames > 1 and arr.ndim == 3) else arr[None]
+    if frames.ndim != 3:
+        raise Rejected(f"unexpected pixel array shape {arr.shape}")
+    # Big-endian syntaxes decode to '>i2': store in this machine's byte order, same values.
+    frames = frames.astype(frames.dtype.newbyteorder("="), copy=False)
+    names = identify_views(ds, frames.shape[0])
+    meta = {k: _plain(ds.get(k)) for k in KEPT_ATTRIBUTES if k in ds}
+    meta["TransferSyntaxUID"] = ts
+    return DecodedObject(views=[View(name, np.ascontiguousarray(f)) for name, f in zip(names, frames)], meta=meta)
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [_plain(v) for v in value]
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)

@@ -1,0 +1,297 @@
+"""The Zarr v3 store: atomic per-study writes, the store-wide lesion table, reads.
+
+Layout (documented in the README; `zarr.open_group(path)` opens it):
+
+    <store>/                      root group, attrs: format, version, train_size, counts
+      studies/<study_key>/        one group per study; key = keyed hash of the Study Instance UID;
+                                  attrs: patient pseudonym, views, lesions, tumour type, sources
+        native                    (V, rows, cols) the views as acquired, in attrs.views order:
+                                  source dtype, native byte order, lossless; one chunk per view
+        labels                    (V, rows, cols) uint16 lesion label maps (annotated studies only)
+        train_image               float32 (H, W): anterior | posterior side by side, area-resampled
+                                  mean counts (zeros where a view is absent)
+        train_labels              uint16 (H, W): the lesion label map at that resolution
+      lesions/<column>            the lesion table, one 1-D array per column (codes in attrs)
+      .staging/                   work in progress; never part of the store, cleared on start
+
+A study is written under .staging/ and renamed into studies/ when complete, so a reader (or a rerun
+after a crash) sees a study whole or not at all. The lesion table is rebuilt from the studies' attrs
+at the end of every ingest and swapped in by rename, so it can never disagree with them for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image
+from scipy import ndimage
+from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.core.group import AsyncGroup
+from zarr.core.sync import sync as zarr_sync
+
+from .errors import UsageError
+
+FORMAT = "wbs_dist.store"
+VERSION = 1
+VIEWS = ("anterior", "posterior")            # left and right halves of the training image
+TUMOR_TYPES = ("lung", "prostate", "breast", "other")
+LABELS = {"benign": 0, "malignant": 1}
+BURDEN_GROUPS = ("few", "medium", "extensive")
+
+# Counts are small integers with long zero runs: bit-shuffle + zstd compresses them losslessly to
+# well under the size of the DICOM files; level 1 compresses within 2 % of level 5 at a third of the
+# time on these images (measured on synthetic views; see bench/ingest).
+_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle)
+
+LESION_COLUMNS = {
+    # name: (dtype, meaning)
+    "study": ("uint64", "study key (keyed hash of the Study Instance UID), as an integer"),
+    "patient": ("uint64", "patient pseudonym (keyed hash of the Patient ID), as an integer"),
+    "lesion_id": ("int32", "lesion id within the study (the label-map value)"),
+    "view": ("int8", "index into attrs.views"),
+    "label": ("int8", "1 malignant, 0 benign"),
+    "tumor_type": ("int8", "index into attrs.tumor_types"),
+    "burden": ("int16", "number of lesions in the study"),
+    "burden_group": ("int8", "index into attrs.burden_groups: few 1-3, medium 4-6, extensive > 6"),
+    "area": ("int32", "lesion area in native pixels"),
+    "area_train": ("int32", "lesion area at the training resolution"),
+}
+
+
+async def _write_group(path: str, attrs: dict, arrays: dict[str, np.ndarray]) -> None:
+    root = await AsyncGroup.from_store(path, attributes=attrs, zarr_format=3)
+    # Whole-view chunks: a reader always wants a whole view. Empty chunks are written too, so every
+    # study has the same files (and no per-chunk emptiness check is paid).
+    await asyncio.gather(*(
+        root.create_array(name, data=arr, chunks=(1, *arr.shape[1:]) if arr.ndim == 3 else arr.shape,
+                          compressors=[_CODEC], config={"write_empty_chunks": True})
+        for name, arr in arrays.items()))
+
+
+class StoreError(UsageError):
+    """The store is missing, of another layout, or lacks what is asked of it."""
+
+
+def burden_group(n: int) -> str:
+    return "few" if n <= 3 else ("medium" if n <= 6 else "extensive")
+
+
+def key_to_int(key: str) -> int:
+    return int(key, 16)
+
+
+def int_to_key(value: int) -> str:
+    return f"{int(value):016x}"
+
+
+# -- resampling to the training level ------------------------------------------------------------
+def resample_counts(view: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Area (box) resampling: each output pixel is the mean count of the input area it covers."""
+    img = Image.fromarray(np.asarray(view, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((width, height), Image.Resampling.BOX), dtype=np.float32)
+
+
+def resample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Label map at a lower resolution: a pixel takes the lesion covering most of its area when that
+    lesion covers at least half of it; every lesion keeps at least its best-covered pixel so that
+    small lesions never vanish from the training level."""
+    out = np.zeros((height, width), np.uint16)
+    best = np.zeros((height, width), np.float32)
+    sy, sx = labels.shape[0] / height, labels.shape[1] / width
+    # One pass finds every lesion's bounding box; each lesion is then resampled over the output
+    # pixels its box touches, not over the whole view.
+    for index, found in enumerate(ndimage.find_objects(labels)):
+        if found is None:
+            continue
+        lid = index + 1
+        rows, cols = found
+        y0, y1 = int(rows.start // sy), min(height, int(np.ceil(rows.stop / sy)))
+        x0, x1 = int(cols.start // sx), min(width, int(np.ceil(cols.stop / sx)))
+        ys, xs = slice(int(y0 * sy), min(labels.shape[0], int(np.ceil(y1 * sy)))), \
+            slice(int(x0 * sx), min(labels.shape[1], int(np.ceil(x1 * sx))))
+        patch = (labels[ys, xs] == lid).astype(np.float32)
+        img = Image.fromarray(patch, mode="F")
+        cover = np.asarray(img.resize((x1 - x0, y1 - y0), Image.Resampling.BOX,
+                                      box=(x0 * sx - xs.start, y0 * sy - ys.start,
+                                           x1 * sx - xs.start, y1 * sy - ys.start)), dtype=np.float32)
+        region_best = best[y0:y1, x0:x1]
+        take = (cover >= 0.5) & (cover > region_best)
+        if not take.any():
+            take = np.zeros_like(take)
+            take[np.unravel_index(np.argmax(cover), cover.shape)] = True
+        out[y0:y1, x0:x1][take] = lid
+        region_best[take] = cover[take]
+    return out
+
+
+@dataclass
+class StudyData:
+    key: str
+    attrs: dict                                 # JSON-able; see ingest for the fields
+    views: dict[str, np.ndarray]                # view name -> native pixels
+    labels: dict[str, np.ndarray]               # view name -> native uint16 label map
+
+
+class Store:
+    def __init__(self, path: Path, root: zarr.Group):
+        self.path = Path(path)
+        self.root = root
+
+    # -- opening -----------------------------------------------------------------------------------
+    @classmethod
+    def create_or_open(cls, path: Path, train_size: tuple[int, int]) -> "Store":
+        path = Path(path)
+        if path.exists() and (path / "zarr.json").exists():
+            store = cls.open(path)
+            have = tuple(store.root.attrs["train_size"])
+            if have != tuple(train_size):
+                raise StoreError(f"store {path} was made with train size {have[0]}x{have[1]}, "
+                                 f"not {train_size[0]}x{train_size[1]}; use a new store")
+            return store
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path} exists and is not a wbs_dist store; refusing to write into it")
+        root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        root.attrs.update({"format": FORMAT, "version": VERSION, "train_size": list(train_size),
+                           "views": list(VIEWS), "normalisation": "none: train_image holds mean counts per pixel"})
+        root.create_group("studies")
+        return cls(path, root)
+
+    @classmethod
+    def open(cls, path: Path) -> "Store":
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"no store at {path} (run `wbs-dist ingest` first)")
+        try:
+            root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        except Exception as exc:
+            raise StoreError(f"{path}: not a readable Zarr v3 group ({exc})")
+        fmt, ver = root.attrs.get("format"), root.attrs.get("version")
+        if fmt != FORMAT:
+            raise StoreError(f"{path} is a Zarr group but not a wbs_dist store (format {fmt!r})")
+        if ver != VERSION:
+            raise StoreError(f"store {path} has layout version {ver}; this wbs-dist reads version {VERSION}")
+        return cls(path, root)
+
+    # -- studies -------------------------------------------------------------------------------------
+    @property
+    def train_size(self) -> tuple[int, int]:
+        h, w = self.root.attrs["train_size"]
+        return int(h), int(w)
+
+    def staging(self) -> Path:
+        p = self.path / ".staging"
+        p.mkdir(exist_ok=True)
+        return p
+
+    def clear_staging(self) -> None:
+        shutil.rmtree(self.path / ".staging", ignore_errors=True)
+
+    def study_keys(self) -> list[str]:
+        d = self.path / "studies"
+        return sorted(p.name for p in d.iterdir() if (p / "zarr.json").exists()) if d.exists() else []
+
+    def has_study(self, key: str) -> bool:
+        return (self.path / "studies" / key / "zarr.json").exists()
+
+    def study(self, key: str) -> zarr.Group:
+        return zarr.open_group(str(self.path / "studies" / key), mode="r", zarr_format=3)
+
+    def native_views(self, key: str) -> dict[str, np.ndarray]:
+        g = self.study(key)
+        native = g["native"][...]
+        return dict(zip(g.attrs["views"], native))
+
+    def write_study(self, data: StudyData) -> bool:
+        """Write a study atomically. False when it was already there (a concurrent or earlier run)."""
+        final = self.path / "studies" / data.key
+        if final.exists():
+            return False
+        h, w = self.train_size
+        image = np.zeros((h, w), np.float32)
+        labels = np.zeros((h, w), np.uint16)
+        half = w // 2
+        for i, view in enumerate(VIEWS):
+            if view in data.views:
+                image[:, i * half:(i + 1) * half] = resample_counts(data.views[view], h, half)
+            if view in data.labels:
+                labels[:, i * half:(i + 1) * half] = resample_labels(data.labels[view], h, half)
+        areas = {int(v): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
+        attrs = dict(data.attrs)
+        attrs["lesions"] = [dict(les, area_train=areas.get(les["lesion_id"], 0)) for les in attrs.get("lesions", [])]
+        names = sorted(data.views, key=lambda v: (VIEWS.index(v) if v in VIEWS else len(VIEWS), v))
+        # A study is one array per kind, not one per view: zarr-python's per-array cost, not I/O,
+        # dominated ingest time with one array per view (bench/ingest).
+        arrays = {"native": np.stack([data.views[v] for v in names]),
+                  "train_image": image, "train_labels": labels}
+        if data.labels:
+            shape = data.views[names[0]].shape
+            arrays["labels"] = np.stack([data.labels.get(v, np.zeros(shape, np.uint16)) for v in names])
+        attrs["views"] = names
+
+        tmp = self.staging() / f"{data.key}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        # One trip into zarr's event loop for the whole study: per-call sync overhead, not I/O, is
+        # what a study costs when each array is created through the synchronous API.
+        zarr_sync(_write_group(str(tmp), attrs, arrays))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if final.exists():  # another worker won the race with the same study
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            raise
+        return True
+
+    # -- lesion table ----------------------------------------------------------------------------------
+    def rebuild_lesion_table(self) -> dict:
+        cols: dict[str, list] = {name: [] for name in LESION_COLUMNS}
+        n_studies = n_annotated = 0
+        for key in self.study_keys():
+            attrs = json.loads((self.path / "studies" / key / "zarr.json").read_text())["attributes"]
+            n_studies += 1
+            lesions = attrs.get("lesions") or []
+            if attrs.get("annotated"):
+                n_annotated += 1
+            for les in lesions:
+                cols["study"].append(key_to_int(key))
+                cols["patient"].append(key_to_int(attrs["patient"]))
+                cols["lesion_id"].append(les["lesion_id"])
+                cols["view"].append(VIEWS.index(les["view"]))
+                cols["label"].append(LABELS[les["label"]])
+                cols["tumor_type"].append(TUMOR_TYPES.index(attrs["tumor_type"]))
+                cols["burden"].append(len(lesions))
+                cols["burden_group"].append(BURDEN_GROUPS.index(burden_group(len(lesions))))
+                cols["area"].append(les["area"])
+                cols["area_train"].append(les["area_train"])
+        tmp = self.staging() / f"lesions.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        g.attrs.update({"views": list(VIEWS), "tumor_types": list(TUMOR_TYPES), "burden_groups": list(BURDEN_GROUPS),
+                        "labels": {"0": "benign", "1": "malignant"},
+                        "columns": {k: v[1] for k, v in LESION_COLUMNS.items()}, "rows": len(cols["study"])})
+        for name, (dtype, _) in LESION_COLUMNS.items():
+            arr = np.asarray(cols[name], dtype=dtype)
+            g.create_array(name, data=arr, chunks=(max(len(arr), 1),), compressors=[_CODEC])
+        final = self.path / "lesions"
+        old = self.staging() / f"lesions.old.{os.getpid()}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        counts = {"studies": n_studies, "annotated_studies": n_annotated, "lesions": len(cols["study"]),
+                  "malignant_lesions": int(sum(cols["label"]))}
+        self.root.attrs["counts"] = counts
+        return counts
+
+    def lesion_table(self) -> dict[str, np.ndarray]:
+        if not (self.path / "lesions" / "zarr.json").exists():
+            raise StoreError(f"store {self.path} has no lesion table (ingest did not finish; rerun it)")
+        g = zarr.open_group(str(self.path / "lesions"), mode="r", zarr_format=3)
+        return {name: g[name][:] for name in LESION_COLUMNS}
