@@ -46,3 +46,18 @@ def archive_copy(synth_archive, tmp_path):
     dst = tmp_path / "archive"
     shutil.copytree(synth_archive, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def loader_store(tmp_path_factory):
+    """A 30-patient store at a tiny training size (64 x 32) with 3 folds, shared read-only."""
+    from wbs_dist.folds import write_folds
+    from wbs_dist.ingest import run_ingest
+    from wbs_dist.store import Store
+    from wbs_dist.synth import run_synth
+
+    base = tmp_path_factory.mktemp("loader")
+    run_synth(base / "archive", patients=30, seed=21, form="dir")
+    assert run_ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)) == 0
+    write_folds(Store.open(base / "store.zarr"), k=3, seed=0)
+    return base / "store.zarr"

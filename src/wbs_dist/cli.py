@@ -46,6 +46,12 @@ def _cmd_ingest(args) -> int:
     )
 
 
+def _cmd_folds(args) -> int:
+    from .folds import run_folds
+
+    return run_folds(args.store, k=args.k, seed=args.seed, force=args.force)
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -100,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--errors", type=Path, default=None,
                    help="CSV listing skipped inputs and reasons (default: STORE.errors.csv beside the store)")
     s.set_defaults(func=_cmd_ingest)
+
+    s = sub.add_parser("folds", help="patient-grouped stratified k-fold split, written into the store",
+                       description="Split the store's annotated patients into k folds (grouped by patient, "
+                       "stratified on patient malignancy and tumour type) and write them into the store.")
+    s.add_argument("store", type=Path, help="Zarr store written by `wbs-dist ingest`")
+    s.add_argument("--k", type=int, default=5, help="number of folds (default 5, as in the study)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    s.add_argument("--force", action="store_true", help="replace existing folds (results depend on them)")
+    s.set_defaults(func=_cmd_folds)
 
     s = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic archive",
                        description="Synthesise an archive, ingest it and print what was made: the README's "

@@ -131,6 +131,20 @@ def resample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+def count_scale(image: np.ndarray) -> float:
+    """The count normalisation: the 99th percentile of the body's counts at the training level.
+
+    Scans differ in injected activity, uptake time and acquisition speed, so raw counts are not
+    comparable between patients. Dividing by a high percentile of the body (pixels > 0) maps typical
+    skeletal uptake below ~1 while hot spots and the bladder stay above 1, in every scan alike; a
+    percentile rather than the maximum so one hot bladder does not darken the whole skeleton.
+    """
+    body = image[image > 0]
+    if body.size == 0:
+        return 1.0
+    return max(float(np.percentile(body, 99.0)), 1e-6)
+
+
 @dataclass
 class StudyData:
     key: str
@@ -159,7 +173,7 @@ class Store:
             raise StoreError(f"{path} exists and is not a wbs_dist store; refusing to write into it")
         root = zarr.open_group(str(path), mode="w", zarr_format=3)
         root.attrs.update({"format": FORMAT, "version": VERSION, "train_size": list(train_size),
-                           "views": list(VIEWS), "normalisation": "none: train_image holds mean counts per pixel"})
+                           "views": list(VIEWS), "normalisation": "train_image holds mean counts per pixel; loaders divide by the study's count_scale (99th percentile of body counts)"})
         root.create_group("studies")
         return cls(path, root)
 
@@ -224,6 +238,7 @@ class Store:
                 labels[:, i * half:(i + 1) * half] = resample_labels(data.labels[view], h, half)
         areas = {int(v): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
         attrs = dict(data.attrs)
+        attrs["count_scale"] = count_scale(image)
         attrs["lesions"] = [dict(les, area_train=areas.get(les["lesion_id"], 0)) for les in attrs.get("lesions", [])]
         names = sorted(data.views, key=lambda v: (VIEWS.index(v) if v in VIEWS else len(VIEWS), v))
         # A study is one array per kind, not one per view: zarr-python's per-array cost, not I/O,

@@ -1,0 +1,124 @@
+"""Patient-grouped, stratified k-fold split, kept in the store (results depend on it).
+
+A patient's lesions all land in one fold, so no patient is both trained and validated on (the leak
+nnU-Net users hand-write their splits to avoid). Folds are stratified on patient malignancy (any
+malignant lesion) and, where every joint stratum has at least k patients, on tumour type as well,
+with scikit-learn's StratifiedGroupKFold. The split is a function of the patients and the seed only.
+
+Store layout: `folds/patient` (uint64 pseudonyms, sorted) and `folds/fold` (int8), attrs k, seed,
+stratified_on, counts per fold.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+
+import numpy as np
+import zarr
+from sklearn.model_selection import StratifiedGroupKFold
+
+from .errors import UsageError
+from .store import TUMOR_TYPES, Store, StoreError, int_to_key
+
+
+def assign_folds(patient: np.ndarray, label: np.ndarray, tumor_type: np.ndarray, k: int, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per-lesion arrays → (patients sorted, their fold, what was stratified on)."""
+    patients, inverse = np.unique(patient, return_inverse=True)
+    if len(patients) < k:
+        raise UsageError(f"{len(patients)} annotated patients cannot fill {k} folds")
+    malignant = np.zeros(len(patients), np.int64)
+    np.maximum.at(malignant, inverse, label.astype(np.int64))
+    tumor = np.zeros(len(patients), np.int64)
+    tumor[inverse] = tumor_type
+    joint = malignant * len(TUMOR_TYPES) + tumor
+    _, joint_counts = np.unique(joint, return_counts=True)
+    if joint_counts.min() >= k:
+        strata, on = joint, "patient malignancy x tumour type"
+    else:
+        strata, on = malignant, "patient malignancy"
+    # One row per patient: the group is the patient itself, so the split is exactly a patient split;
+    # StratifiedGroupKFold (not StratifiedKFold) keeps that explicit if rows ever become lesions.
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold = np.full(len(patients), -1, np.int8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "least populated class" is handled above
+        for f, (_, val) in enumerate(splitter.split(np.zeros(len(patients)), strata, groups=np.arange(len(patients)))):
+            fold[val] = f
+    return patients, fold, on
+
+
+def write_folds(store: Store, k: int, seed: int, force: bool = False) -> dict:
+    if (store.path / "folds" / "zarr.json").exists() and not force:
+        have = store.root["folds"].attrs
+        raise UsageError(f"store {store.path} already has {have['k']} folds (seed {have['seed']}); results depend "
+                         f"on them, so they are not replaced: pass --force to make new ones")
+    table = store.lesion_table()
+    if len(table["patient"]) == 0:
+        raise StoreError(f"store {store.path} has no annotated lesions to split")
+    patients, fold, on = assign_folds(table["patient"], table["label"], table["tumor_type"], k, seed)
+    counts = fold_summary(table, patients, fold, k)
+    tmp = store.staging() / f"folds.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    g.attrs.update({"k": k, "seed": seed, "stratified_on": on, "method": "sklearn StratifiedGroupKFold, groups = patients",
+                    "counts": counts})
+    g.create_array("patient", data=patients.astype(np.uint64), chunks=(max(len(patients), 1),))
+    g.create_array("fold", data=fold, chunks=(max(len(fold), 1),))
+    final = store.path / "folds"
+    old = store.staging() / f"folds.old.{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return {"k": k, "seed": seed, "stratified_on": on, "counts": counts}
+
+
+def fold_summary(table: dict, patients: np.ndarray, fold: np.ndarray, k: int) -> list[dict]:
+    lesion_fold = fold[np.searchsorted(patients, table["patient"])]
+    out = []
+    for f in range(k):
+        sel = lesion_fold == f
+        pats = np.unique(table["patient"][sel])
+        mal_pat = np.unique(table["patient"][sel & (table["label"] == 1)])
+        out.append({"fold": f, "patients": int(len(pats)), "malignant_patients": int(len(mal_pat)),
+                    "lesions": int(sel.sum()), "malignant_lesions": int(table["label"][sel].sum()),
+                    "tumor_types": {t: int(len(np.unique(table["patient"][sel & (table["tumor_type"] == i)])))
+                                    for i, t in enumerate(TUMOR_TYPES)}})
+    return out
+
+
+def read_folds(store: Store) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(patients sorted, fold per patient, attrs). Raises StoreError when the store has none."""
+    if not (store.path / "folds" / "zarr.json").exists():
+        raise StoreError(f"store {store.path} has no folds: run `wbs-dist folds {store.path}`")
+    g = zarr.open_group(str(store.path / "folds"), mode="r", zarr_format=3)
+    return g["patient"][...], g["fold"][...], dict(g.attrs)
+
+
+def lesion_folds(store: Store, table: dict) -> np.ndarray:
+    """The fold of every row of the lesion table; a patient ingested after the split is an error."""
+    patients, fold, attrs = read_folds(store)
+    pos = np.searchsorted(patients, table["patient"])
+    pos = np.minimum(pos, len(patients) - 1)
+    missing = patients[pos] != table["patient"]
+    if missing.any():
+        n = len(np.unique(table["patient"][missing]))
+        raise StoreError(f"{n} patient(s) in the store have no fold (ingested after the split, e.g. "
+                         f"{int_to_key(table['patient'][missing][0])}): rerun `wbs-dist folds --force` (this changes "
+                         f"the split)")
+    return fold[pos]
+
+
+def run_folds(store_path, k: int, seed: int, force: bool) -> int:
+    store = Store.open(store_path)
+    info = write_folds(store, k, seed, force)
+    print(f"{k} folds (seed {seed}, stratified on {info['stratified_on']}) written to {store.path}/folds")
+    print(f"{'fold':>4} {'patients':>9} {'malignant':>10} {'lesions':>8} {'malignant':>10}  tumour types")
+    for c in info["counts"]:
+        tt = ", ".join(f"{t} {n}" for t, n in c["tumor_types"].items() if n)
+        print(f"{c['fold']:>4} {c['patients']:>9} {c['malignant_patients'] / max(c['patients'], 1):>9.1%} "
+              f"{c['lesions']:>8} {c['malignant_lesions'] / max(c['lesions'], 1):>9.1%}  {tt}")
+    return 0

@@ -1,0 +1,252 @@
+"""The DALI loader: lesions of a split → batches of (C, H, W) inputs, sharded by global rank.
+
+Data path: at start the split's studies are read once from the Zarr store into a study cache
+(memory-mapped files in a private temporary folder: each view of the normalised training image and
+of the label map, so per-sample reads are slices, shared between DALI's worker processes through
+the page cache). A batch-mode `fn.external_source` (parallel workers) hands DALI per-sample
+(image, label map, lesion id, flip flag); the DALI graph builds the lesion and other-lesion masks,
+stacks channels, mirrors each view for augmentation and lays the views side by side. The same graph
+runs its operators on the GPU when a CUDA device is given, on the CPU (`device_id=None`) otherwise.
+
+Sharding (DESIGN 5): the epoch's order is a permutation of all samples from (seed, epoch), the same
+on every rank; it is padded to whole global batches and step s of rank r takes positions
+[s*G + r*b, s*G + (r+1)*b) (G global batch, b = G / world). Every rank runs the same number of
+steps, so DDP never waits on a rank that ran out; padded positions carry valid = 0 and must never
+reach the loss or the metrics. Flip flags are drawn per global position from (seed, epoch), so a
+sample's augmentation does not depend on the number of ranks. A loader built with (start_epoch,
+start_step) yields exactly the remaining batches of that epoch, then whole epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset import LesionIndex, normalise
+from .errors import UsageError
+from .store import Store
+
+
+# -- which samples, in which order ------------------------------------------------------------------
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return max(1, math.ceil(n / global_batch))
+
+
+def epoch_plan(n: int, global_batch: int, world: int, rank: int, seed: int, epoch: int, shuffle: bool,
+               flip_p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample index, valid, flip) arrays of shape (steps, global_batch / world) for this rank."""
+    if global_batch % world:
+        raise UsageError(f"config key 'batch_size': {global_batch} is not divisible by the {world} ranks")
+    steps = steps_per_epoch(n, global_batch)
+    rng = np.random.default_rng([seed, epoch, 0xB0E])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    total = steps * global_batch
+    padded = np.resize(order, total)                         # wraps around: padding repeats samples
+    valid = (np.arange(total) < n).astype(np.float32)
+    flip = (np.random.default_rng([seed, epoch, 0xF11]).random(total) < flip_p).astype(np.int32)
+    b = global_batch // world
+
+    def mine(a):
+        return a.reshape(steps, world, b)[:, rank]
+
+    return mine(padded), mine(valid), mine(flip)
+
+
+# -- the study cache --------------------------------------------------------------------------------
+@dataclass
+class StudyCache:
+    """The split's studies as (S, 2, H, W/2) memory maps: normalised image (float32), labels (uint16)."""
+
+    folder: str
+    shape: tuple[int, int, int, int]
+
+    @classmethod
+    def build(cls, index: LesionIndex, threads: int = 4) -> "StudyCache":
+        h, w = index.height, index.width
+        shape = (len(index.study_keys), 2, h, w // 2)
+        # /dev/shm when there is one: the cache is rebuilt for every run, so it never goes stale.
+        base = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        folder = tempfile.mkdtemp(prefix="wbs-dist-cache-", dir=base)
+        cache = cls(folder, shape)
+        images = np.lib.format.open_memmap(cache._path("image"), mode="w+", dtype=np.float32, shape=shape)
+        labels = np.lib.format.open_memmap(cache._path("labels"), mode="w+", dtype=np.uint16, shape=shape)
+        store = Store.open(index.store_path)
+
+        def load(s: int) -> None:
+            g = store.study(index.study_keys[s])
+            image = normalise(g["train_image"][...], index.scale[s])
+            images[s] = image.reshape(h, 2, w // 2).transpose(1, 0, 2)
+            labels[s] = g["train_labels"][...].reshape(h, 2, w // 2).transpose(1, 0, 2)
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(load, range(shape[0])))
+        images.flush()
+        labels.flush()
+        del images, labels
+        return cache
+
+    def _path(self, name: str) -> str:
+        return f"{self.folder}/{name}.npy"
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return (np.load(self._path("image"), mmap_mode="r"), np.load(self._path("labels"), mmap_mode="r"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Source:
+    """DALI batch source. Picklable and stateless in what it yields: batch = f(epoch, step)."""
+
+    def __init__(self, index: LesionIndex, cache: StudyCache, *, global_batch: int, world: int, rank: int,
+                 seed: int, shuffle: bool, flip_p: float, start_epoch: int, start_step: int):
+        self.study = index.study
+        self.lesion_id = index.lesion_id
+        self.label = index.label
+        self.n = len(index)
+        self.cache = cache
+        self.args = dict(global_batch=global_batch, world=world, rank=rank, seed=seed, shuffle=shuffle, flip_p=flip_p)
+        self.start_epoch, self.start_step = start_epoch, start_step
+        self.steps = steps_per_epoch(self.n, global_batch)
+        self._arrays = None
+        self._plan = (None, None)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"], state["_plan"] = None, (None, None)
+        return state
+
+    def plan(self, epoch: int):
+        if self._plan[0] != epoch:
+            self._plan = (epoch, epoch_plan(self.n, epoch=epoch, **self.args))
+        return self._plan[1]
+
+    def __call__(self, info):
+        epoch = self.start_epoch + info.epoch_idx
+        step = info.iteration + (self.start_step if info.epoch_idx == 0 else 0)
+        if step >= self.steps:
+            raise StopIteration
+        if self._arrays is None:
+            self._arrays = self.cache.arrays()
+        images, labels = self._arrays
+        idx, valid, flip = (a[step] for a in self.plan(epoch))
+        studies = self.study[idx]
+        return ([np.asarray(images[s]) for s in studies],
+                [np.asarray(labels[s]) for s in studies],
+                [np.array(self.lesion_id[i], np.uint16) for i in idx],
+                [np.array(f, np.int32) for f in flip],
+                [np.array(self.label[i], np.float32) for i in idx],
+                [np.array(v, np.float32) for v in valid],
+                [np.array(i, np.int64) for i in idx])
+
+
+def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width: int, device_id: int | None,
+              workers: int, other_lesions_channel: bool, seed: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=device_id, seed=seed, prefetch_queue_depth=2,
+                  py_num_workers=max(workers, 1), py_start_method="spawn", exec_dynamic=True)
+    def graph():
+        image, labels, lid, flip, y, valid, index = fn.external_source(
+            source, num_outputs=7, batch=True, batch_info=True, parallel=workers > 0,
+            layout=["FHW", "FHW", "", "", "", "", ""])
+        if device_id is not None:
+            image, labels, lid = image.gpu(), labels.gpu(), lid.gpu()
+        chans = [image, fn.cast(labels == lid, dtype=types.FLOAT)]
+        if other_lesions_channel:
+            chans.append(fn.cast((labels != 0) & (labels != lid), dtype=types.FLOAT))
+        x = fn.stack(*chans, axis=1, axis_name="C")              # (2 views, C, H, W/2)
+        x = fn.flip(x, horizontal=flip)                           # mirrors each view in place
+        x = fn.transpose(x, perm=[1, 2, 0, 3])                    # (C, H, 2 views, W/2)
+        x = fn.reshape(x, shape=[channels, height, width], layout="CHW")
+        return x, y, valid, index
+
+    return graph()
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor          # (b, C, H, W) float32, on the loader's device
+    y: torch.Tensor          # (b,) float32
+    valid: torch.Tensor      # (b,) float32: 0 for padding
+    index: torch.Tensor      # (b,) int64 row in the LesionIndex
+
+
+class LesionLoader:
+    """Iterate epochs of batches: `for batch in loader.epoch(): ...`, one call per epoch."""
+
+    def __init__(self, index: LesionIndex, *, global_batch: int, train: bool, flip_p: float = 0.5, seed: int = 0,
+                 world: int = 1, rank: int = 0, device_id: int | None = None, workers: int = 2,
+                 start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None):
+        self.index = index
+        self.own_cache = cache is None
+        self.cache = cache or StudyCache.build(index)
+        self.batch = global_batch // world
+        self.steps = steps_per_epoch(len(index), global_batch)
+        if not 0 <= start_step <= self.steps:
+            raise UsageError(f"cannot resume at step {start_step}: an epoch has {self.steps} steps")
+        self.source = _Source(index, self.cache, global_batch=global_batch, world=world, rank=rank, seed=seed,
+                              shuffle=train, flip_p=flip_p if train else 0.0, start_epoch=start_epoch,
+                              start_step=start_step)
+        self.device = torch.device(f"cuda:{device_id}") if device_id is not None else torch.device("cpu")
+        self.epoch_number = start_epoch
+        self.step = start_step
+        self.pipe = _pipeline(self.source, batch=self.batch, channels=index.channels, height=index.height,
+                              width=index.width, device_id=device_id, workers=workers,
+                              other_lesions_channel=index.other_lesions_channel, seed=seed)
+        self.pipe.build()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self):
+        """The batches of the current epoch (the rest of it, after a mid-epoch resume)."""
+        while True:
+            try:
+                x, y, valid, index = self.pipe.run()
+            except StopIteration:
+                self.pipe.reset()
+                self.epoch_number += 1
+                self.step = 0
+                return
+            self.step += 1
+            yield Batch(self._to_torch(x), _cpu(y), _cpu(valid), _cpu(index).long())
+
+    def _to_torch(self, tl) -> torch.Tensor:
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            t = tl.as_tensor()
+            out = torch.empty(t.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+            return out
+        return _cpu(tl)
+
+    @property
+    def position(self) -> dict:
+        """Where the loader is, for the checkpoint: resume with start_epoch/start_step from this."""
+        return {"epoch": self.epoch_number, "step": self.step}
+
+    def close(self) -> None:
+        # Drop the pipeline first: its workers hold the cache's memory maps.
+        self.pipe = None
+        if self.own_cache:
+            self.cache.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _cpu(tl) -> torch.Tensor:
+    # DALI reuses its output buffers: copy before the next run().
+    return torch.from_numpy(np.array(tl.as_tensor(), copy=True))
