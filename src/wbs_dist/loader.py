@@ -62,7 +62,7 @@ def epoch_plan(n: int, global_batch: int, world: int, rank: int, seed: int, epoc
 # -- the study cache --------------------------------------------------------------------------------
 @dataclass
 class StudyCache:
-    """The split's studies as (S, 2, H, W/2) memory maps: normalised image (float32), labels (uint16)."""
+    """The split's studies as (S, H, W) memory maps: normalised image (float32), labels (uint16)."""
 
     folder: str
     shape: tuple[int, int, int, int]
@@ -70,7 +70,7 @@ class StudyCache:
     @classmethod
     def build(cls, index: LesionIndex, threads: int = 4) -> "StudyCache":
         h, w = index.height, index.width
-        shape = (len(index.study_keys), 2, h, w // 2)
+        shape = (len(index.study_keys), h, w)
         # /dev/shm when there is one: the cache is rebuilt for every run, so it never goes stale.
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
         folder = tempfile.mkdtemp(prefix="wbs-dist-cache-", dir=base)
@@ -81,9 +81,8 @@ class StudyCache:
 
         def load(s: int) -> None:
             g = store.study(index.study_keys[s])
-            image = normalise(g["train_image"][...], index.scale[s])
-            images[s] = image.reshape(h, 2, w // 2).transpose(1, 0, 2)
-            labels[s] = g["train_labels"][...].reshape(h, 2, w // 2).transpose(1, 0, 2)
+            images[s] = normalise(g["train_image"][...], index.scale[s])
+            labels[s] = g["train_labels"][...]
 
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(load, range(shape[0])))
@@ -149,22 +148,25 @@ class _Source:
 
 def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width: int, device_id: int | None,
               workers: int, other_lesions_channel: bool, seed: int):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(batch_size=batch, num_threads=2, device_id=device_id, seed=seed, prefetch_queue_depth=2,
                   py_num_workers=max(workers, 1), py_start_method="spawn", exec_dynamic=True)
     def graph():
         image, labels, lid, flip, y, valid, index = fn.external_source(
             source, num_outputs=7, batch=True, batch_info=True, parallel=workers > 0,
-            layout=["FHW", "FHW", "", "", "", "", ""])
+            layout=["HW", "HW", "", "", "", "", ""])
         if device_id is not None:
             image, labels, lid = image.gpu(), labels.gpu(), lid.gpu()
-        chans = [image, fn.cast(labels == lid, dtype=types.FLOAT)]
+        # Arithmetic expressions (one fused operator each) give float masks without a separate cast.
+        chans = [image, (labels == lid) * 1.0]
         if other_lesions_channel:
-            chans.append(fn.cast((labels != 0) & (labels != lid), dtype=types.FLOAT))
-        x = fn.stack(*chans, axis=1, axis_name="C")              # (2 views, C, H, W/2)
-        x = fn.flip(x, horizontal=flip)                           # mirrors each view in place
-        x = fn.transpose(x, perm=[1, 2, 0, 3])                    # (C, H, 2 views, W/2)
+            chans.append(((labels != 0) & (labels != lid)) * 1.0)
+        x = fn.stack(*chans, axis=0, axis_name="C")               # (C, H, W)
+        # Mirror each view in place without moving data around: seen as (1, C*H, 2 views, W/2) with
+        # layout CDHW, a horizontal flip reverses each view's columns only; reshapes are free.
+        x = fn.reshape(x, shape=[1, channels * height, 2, width // 2], layout="CDHW")
+        x = fn.flip(x, horizontal=flip)
         x = fn.reshape(x, shape=[channels, height, width], layout="CHW")
         return x, y, valid, index
 
