@@ -52,6 +52,12 @@ def _cmd_folds(args) -> int:
     return run_folds(args.store, k=args.k, seed=args.seed, force=args.force)
 
 
+def _cmd_train(args) -> int:
+    from .train import run_train
+
+    return run_train(args.config, args.overrides, fold=args.fold, resume=args.resume)
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -116,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace existing folds (results depend on them)")
     s.set_defaults(func=_cmd_folds)
 
+    s = sub.add_parser("train", help="train one fold (one process, or one rank under torchrun/srun)",
+                       description="Train on the other folds and validate on fold K every epoch. Under torchrun "
+                       "or srun the same command runs DDP (ranks from the environment). Resumes automatically "
+                       "from RUN_DIR/fold<K>/last.pt; exits 75 when preempted (SIGUSR2/SIGTERM) after saving.")
+    s.add_argument("config", type=Path, help="YAML config, e.g. configs/baseline.yaml")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, checked")
+    s.add_argument("--fold", type=int, required=True, help="validation fold K")
+    s.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
+    s.set_defaults(func=_cmd_train)
+
     s = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic archive",
                        description="Synthesise an archive, ingest it and print what was made: the README's "
                        "first command. Rerunning reuses what is already there.")
@@ -138,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after options (`train CFG --fold 0 lr=1e-4`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -36,11 +36,21 @@ class Config:
     batch_size: int = 8                       # per step, summed over all ranks
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "constant"                # constant (the study) | cosine (decays to 0 after warm-up)
+    warmup_epochs: int = 0                    # linear warm-up epochs before the schedule
+    grad_clip: float = 0.0                    # max gradient norm; 0 = no clipping
+    class_weighting: bool = False             # weight malignant by benign/malignant count of the training folds
     flip_p: float = 0.5                       # random horizontal flip, training only
     seed: int = 0                             # every RNG (Python, NumPy, torch, DALI) derives from it
+    # --- speed (CUDA only; ignored on CPUs) --------------------------------------------------------
+    bf16: bool = True                         # bf16 autocast + channels_last
+    compile: bool = False                     # torch.compile the model (slow start, faster steps)
+    deterministic: bool = False               # torch deterministic algorithms (bitwise-reproducible GPU runs)
     # --- run --------------------------------------------------------------------------------------
-    run_dir: str = "runs/baseline"            # checkpoints, logs, predictions
-    num_workers: int = 2                      # loader worker processes per rank
+    run_dir: str = "runs/baseline"            # checkpoints, logs, predictions: RUN_DIR/fold<K>/
+    num_workers: int = 2                      # loader worker processes per rank (0 = in-process)
+    checkpoint_every: int = 200               # steps between mid-epoch checkpoints (0 = epoch ends only)
+    dist_timeout_s: float = 600.0             # bound on every DDP collective: a dead rank fails the job
 
     # Checks per key: return an error string or None.
     _CHECKS = {
@@ -54,6 +64,11 @@ class Config:
         "lr": lambda v: None if v > 0 else "must be > 0",
         "weight_decay": lambda v: None if v >= 0 else "must be >= 0",
         "flip_p": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
+        "schedule": lambda v: None if v in ("constant", "cosine") else "must be constant or cosine",
+        "warmup_epochs": lambda v: None if v >= 0 else "must be >= 0",
+        "grad_clip": lambda v: None if v >= 0 else "must be >= 0",
+        "checkpoint_every": lambda v: None if v >= 0 else "must be >= 0",
+        "dist_timeout_s": lambda v: None if v > 0 else "must be > 0",
         "num_workers": lambda v: None if v >= 0 else "must be >= 0",
     }
 

@@ -1,0 +1,121 @@
+"""`wbs-dist train`: exact resume after a signal or a kill, DDP under torchrun, bad configs named."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, WBS, run_cli
+
+CONFIG = ROOT / "configs" / "local.yaml"
+
+
+def overrides(store, run_dir, **extra):
+    base = {"store": store, "run_dir": run_dir, "image_height": 64, "image_width": 32, "folds": 3, "epochs": 3,
+            "checkpoint_every": 2, "deterministic": "true"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def final_state(run_dir: Path, fold=0):
+    return torch.load(run_dir / f"fold{fold}" / "last.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(loader_store, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train") / "runs"
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(loader_store, run_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+def test_run_directory_holds_what_a_user_needs(uninterrupted):
+    d = uninterrupted / "fold0"
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "predictions.csv", "train.log", "done.json"):
+        assert (d / name).exists(), name
+    assert list(d.glob("events.out.tfevents.*"))
+    rows = (d / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,val_loss,val_auc") and len(rows) == 4
+    pred = (d / "predictions.csv").read_text().splitlines()
+    assert pred[0] == "patient_id,study_uid,lesion_id,view,fold,label,score,tumor_type,lesion_count"
+    assert len(pred) > 10 and all(line.split(",")[4] == "0" for line in pred[1:])
+    state = torch.load(d / "last.pt", weights_only=True)       # loads without pickle
+    assert state["epoch"] == 3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGKILL])
+def test_interrupted_run_resumes_to_the_same_weights_bit_for_bit(loader_store, uninterrupted, tmp_path, sig):
+    run_dir = tmp_path / "runs"
+    args = ["train", str(CONFIG), "--fold", "0", *overrides(loader_store, run_dir)]
+    log = run_dir / "fold0" / "train.log"
+    proc = subprocess.Popen(WBS + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    # After the first checkpoint (so a SIGKILL has something to resume from), at a random step.
+    while time.time() < deadline and not (run_dir / "fold0" / "last.pt").exists():
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 1.5))
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert not (run_dir / "fold0" / "done.json").exists(), "the signal came after the run finished"
+    if sig == signal.SIGUSR2:
+        assert proc.returncode == 75, out[-2000:]                 # saved, asks to be requeued
+        assert "preempted: saved" in log.read_text()
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in log.read_text()
+    a, b = final_state(uninterrupted), final_state(run_dir)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert (uninterrupted / "fold0" / "predictions.csv").read_bytes() == (run_dir / "fold0" / "predictions.csv").read_bytes()
+
+
+def test_finished_fold_is_not_redone(loader_store, uninterrupted):
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(loader_store, uninterrupted))
+    assert res.returncode == 0
+    assert "already finished" in res.stderr
+
+
+def test_ddp_two_ranks_under_torchrun_with_uneven_shards(loader_store, tmp_path):
+    # batch 6 over 2 ranks: the training folds' lesion count is not a multiple of it (uneven shards).
+    run_dir = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_train_rank.py"), str(CONFIG), str(tmp_path),
+           *overrides(loader_store, run_dir, epochs=2, batch_size=6, dist_timeout_s=120)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    assert "2 rank(s)" in (run_dir / "fold0" / "train.log").read_text()
+    n_pred = len((run_dir / "fold0" / "predictions.csv").read_text().splitlines()) - 1
+    from wbs_dist.dataset import lesion_index
+    from wbs_dist.store import Store
+    assert n_pred == len(lesion_index(Store.open(loader_store), [0], 64, 32))   # every lesion once
+    n_train = len(lesion_index(Store.open(loader_store), [1, 2], 64, 32))
+    assert n_train % 6 != 0, "pick a batch that leaves the shards uneven"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("lr=-0.1", "'lr'"),
+    ("model=resnet18", "'model'"),
+    ("epochs=0", "'epochs'"),
+    ("batch_size=two", "'batch_size'"),
+])
+def test_bad_config_values_exit_2_naming_the_key(loader_store, tmp_path, override, needle):
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(loader_store, tmp_path), override)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_fold_out_of_range_exits_2(loader_store, tmp_path):
+    res = run_cli("train", CONFIG, "--fold", 5, *overrides(loader_store, tmp_path))
+    assert res.returncode == 2 and "--fold 5 out of range" in res.stderr
