@@ -31,7 +31,7 @@ def test_overrides_are_parsed_as_typed_values():
     ("learning_rate=0.1", "learning_rate"),
     ("lr=fast", "lr"),
     ("lr=-1", "lr"),
-    ("model=resnet18", "model"),
+    ("model=resnet101", "model"),
     ("batch_size=2.5", "batch_size"),
     ("flip_p=2", "flip_p"),
     ("epochs", "epochs"),
@@ -54,3 +54,9 @@ def test_bad_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
     assert load_config(None) == Config()
+
+
+def test_config_knows_every_model():
+    from wbs_dist import config, models
+
+    assert config.MODELS == models.MODELS

@@ -22,6 +22,7 @@ SMALL = {"inception_v3": (80, 80)}  # inception_v3 needs >= 75 px; the others ru
 def first_conv(model, name):
     return {
         "resnet50": lambda m: m.conv1,
+        "resnet18": lambda m: m.conv1,
         "inception_v3": lambda m: m.Conv2d_1a_3x3.conv,
         "vgg16": lambda m: m.features[0],
         "densenet169": lambda m: m.features.conv0,
@@ -64,7 +65,7 @@ def test_inception_aux_off_below_299_and_minimum_size():
 
 def test_unknown_model_names_key():
     with pytest.raises(ConfigError, match="'model'"):
-        build_model("resnet18", 2)
+        build_model("resnet101", 2)
 
 
 def test_dropout_sets_head_dropouts():

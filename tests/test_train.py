@@ -18,6 +18,7 @@ CONFIG = ROOT / "configs" / "local.yaml"
 
 def overrides(store, run_dir, **extra):
     base = {"store": store, "run_dir": run_dir, "image_height": 64, "image_width": 32, "folds": 3, "epochs": 3,
+            "model": "resnet18",
             "checkpoint_every": 2, "deterministic": "true"}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -106,7 +107,7 @@ def test_ddp_two_ranks_under_torchrun_with_uneven_shards(loader_store, tmp_path)
 
 @pytest.mark.parametrize("override, needle", [
     ("lr=-0.1", "'lr'"),
-    ("model=resnet18", "'model'"),
+    ("model=resnet101", "'model'"),
     ("epochs=0", "'epochs'"),
     ("batch_size=two", "'batch_size'"),
 ])

@@ -15,7 +15,8 @@ import yaml
 
 from .errors import ConfigError
 
-MODELS = ("resnet50", "inception_v3", "vgg16", "densenet169")
+# Mirrors models.MODELS (tested) so reading a config does not import torch.
+MODELS = ("resnet50", "inception_v3", "vgg16", "densenet169", "resnet18")
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Config:
     folds: int = 5                            # k of the patient-grouped cross-validation
     fold_seed: int = 0                        # seed of the split; results depend on it
     # --- model ----------------------------------------------------------------------------------
-    model: str = "resnet50"                   # resnet50 | inception_v3 | vgg16 | densenet169
+    model: str = "resnet50"                   # resnet50 | inception_v3 | vgg16 | densenet169 (| resnet18: tests)
     weights: str = "imagenet"                 # imagenet (from the torch hub cache) | none
     # --- optimisation (the study: Adam, lr 1e-3, batch 8, 300 epochs, flip 0.5) -------------------
     epochs: int = 300

@@ -59,7 +59,9 @@ from torchvision.models.inception import InceptionOutputs
 
 from .errors import ConfigError, UsageError
 
-MODELS = ("resnet50", "inception_v3", "vgg16", "densenet169")
+# The study's network and its three comparisons, then resnet18: a small backbone for CPU tests,
+# laptops and the demo (same adaptation as resnet50), not part of the study.
+MODELS = ("resnet50", "inception_v3", "vgg16", "densenet169", "resnet18")
 AUX_LOSS_WEIGHT = 0.4
 INCEPTION_MIN_SIZE = 75
 INCEPTION_AUX_MIN_SIZE = 299
@@ -71,6 +73,7 @@ _WEIGHTS = {
     "inception_v3": torchvision.models.Inception_V3_Weights.IMAGENET1K_V1,
     "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
     "densenet169": torchvision.models.DenseNet169_Weights.IMAGENET1K_V1,
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
 }
 
 # Old densenet checkpoints (the ones torchvision still ships) name layers 'norm.1' etc.
@@ -183,7 +186,7 @@ def _backbone(name: str, aux: bool, pretrained: bool) -> nn.Module:
         # it afterwards when unused. transform_input re-normalises 3 RGB inputs and would break ours.
         return tv.inception_v3(weights=None, aux_logits=aux or pretrained, transform_input=False,
                                init_weights=not pretrained)
-    return {"resnet50": tv.resnet50, "vgg16": tv.vgg16, "densenet169": tv.densenet169}[name](weights=None)
+    return {"resnet50": tv.resnet50, "resnet18": tv.resnet18, "vgg16": tv.vgg16, "densenet169": tv.densenet169}[name](weights=None)
 
 
 def _load_imagenet(model: nn.Module, name: str) -> None:
@@ -224,7 +227,7 @@ def _head(in_features: int, dropout: float | None) -> nn.Sequential:
     return nn.Sequential(nn.Dropout(dropout or 0.0), nn.Linear(in_features, 1))
 
 
-def _adapt_resnet50(model, in_channels, pretrained, dropout):
+def _adapt_resnet(model, in_channels, pretrained, dropout):
     model.conv1 = _adapted_conv(model.conv1, in_channels, pretrained)
     model.fc = _head(model.fc.in_features, dropout)
 
@@ -267,8 +270,9 @@ def _check_aux_input(module: nn.Module, args: tuple[torch.Tensor]) -> None:
 
 
 _ADAPT: dict[str, Callable[[nn.Module, int, bool, float | None], None]] = {
-    "resnet50": _adapt_resnet50,
+    "resnet50": _adapt_resnet,
     "inception_v3": _adapt_inception_v3,
     "vgg16": _adapt_vgg16,
     "densenet169": _adapt_densenet169,
+    "resnet18": _adapt_resnet,
 }

@@ -304,100 +304,128 @@ class FoldTrainer:
         _write_csv_atomic(self.dir / "metrics.csv", cols, [[h.get(c) for c in cols] for h in self.history])
 
     # -- the loop -----------------------------------------------------------------------------------
-    def run(self) -> FoldResult:
+    # -- the loop, in pieces a scheduler can interleave (tune trains five folds epoch by epoch) --------
+    def finished(self) -> FoldResult | None:
         done = self.dir / "done.json"
-        if done.exists():
-            info = json.loads(done.read_text())
-            log.info("fold %d already finished (%s)", self.fold, done)
-            return FoldResult(self.fold, self.dir, info["epochs"], info["val_auc"], info["val_loss"],
-                              self.dir / "predictions.csv")
-        main = self.env.is_main
-        if main:
+        if not done.exists():
+            return None
+        info = json.loads(done.read_text())
+        return FoldResult(self.fold, self.dir, info["epochs"], info["val_auc"], info["val_loss"],
+                          self.dir / "predictions.csv")
+
+    def open(self, preemption: bool = True) -> None:
+        """Build everything and resume from the run directory. `preemption` installs the signal flag
+        (main thread only: Ray runs trials in threads, and handles stopping itself)."""
+        self.flag = PreemptionFlag().install() if preemption else PreemptionFlag()
+        self.writer = None
+        self.last_val = None
+        if self.env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(self.dir / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            self._log_handler = logging.FileHandler(self.dir / "train.log")
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             root = logging.getLogger("wbs_dist")
-            root.addHandler(handler)
+            root.addHandler(self._log_handler)
             if root.getEffectiveLevel() > logging.INFO:   # launched without the CLI (torchrun script, Ray)
                 root.setLevel(logging.INFO)
-        flag = PreemptionFlag().install()
-        writer = None
-        try:
-            self._setup()
-            if main:
-                dump_config(self.cfg, self.dir / "config.yaml")
-                from torch.utils.tensorboard import SummaryWriter
+        self._setup()
+        if self.env.is_main:
+            dump_config(self.cfg, self.dir / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(str(self.dir), purge_step=self.global_step)
-                log.info("fold %d: %d training lesions, %d validation lesions, %d steps an epoch, %s x %d rank(s)",
-                         self.fold, len(self.train_index), len(self.val_index), self.steps_per_epoch,
-                         self.device.type, self.env.world_size)
-            val = None
-            while self.epoch < self.cfg.epochs:
-                t0, loss_sum, n_seen = time.perf_counter(), 0.0, 0
-                for batch in self.train_loader.epoch():
-                    loss_sum += self._train_step(batch)
-                    n_seen += int(batch.valid.sum())
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    if flag.sync():
-                        self._save("last.pt")
-                        if main:
-                            log.info("preempted: saved at epoch %d step %d, exiting %d for requeue",
-                                     self.epoch, self.step_in_epoch, PREEMPTED_EXIT_CODE)
-                        dist.barrier()
-                        raise Preempted()
-                    if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
-                        self._save("last.pt")
-                seconds = time.perf_counter() - t0
-                val = self._validate()
-                train_loss = loss_sum / max(n_seen, 1)
-                if self.env.world_size > 1:
-                    train_loss = dist.all_reduce_mean(train_loss)
-                row = {"epoch": self.epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["val_loss"], 6),
-                       "val_auc": None if val["val_auc"] is None else round(val["val_auc"], 6),
-                       "val_accuracy": round(val["val_accuracy"], 6), "lr": self.scheduler.get_last_lr()[0],
-                       "seconds": round(seconds, 3), "samples_per_s": round(n_seen * self.env.world_size / seconds, 2)}
-                self.history.append(row)
-                self.epoch += 1
-                self.step_in_epoch = 0
-                if main:
-                    for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "samples_per_s"):
-                        if row[key] is not None:
-                            writer.add_scalar(key, row[key], self.global_step)
-                    writer.flush()
-                    self._write_metrics()
-                if val["val_auc"] is not None and val["val_auc"] > self.best_auc:
-                    self.best_auc = val["val_auc"]
-                    self._save("best.pt")
+            self.writer = SummaryWriter(str(self.dir), purge_step=self.global_step)
+            log.info("fold %d: %d training lesions, %d validation lesions, %d steps an epoch, %s x %d rank(s)",
+                     self.fold, len(self.train_index), len(self.val_index), self.steps_per_epoch,
+                     self.device.type, self.env.world_size)
+
+    def train_epoch(self) -> dict:
+        """One epoch (the rest of it after a mid-epoch resume), validation, checkpoint; its metrics row."""
+        main = self.env.is_main
+        t0, loss_sum, n_seen = time.perf_counter(), 0.0, 0
+        for batch in self.train_loader.epoch():
+            loss_sum += self._train_step(batch)
+            n_seen += int(batch.valid.sum())
+            self.global_step += 1
+            self.step_in_epoch += 1
+            if self.flag.sync():
                 self._save("last.pt")
                 if main:
-                    log.info("fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s, %.1f samples/s",
-                             self.fold, self.epoch, self.cfg.epochs, row["train_loss"], row["val_loss"],
-                             "n/a" if row["val_auc"] is None else f"{row['val_auc']:.4f}", row["samples_per_s"])
+                    log.info("preempted: saved at epoch %d step %d, exiting %d for requeue",
+                             self.epoch, self.step_in_epoch, PREEMPTED_EXIT_CODE)
                 dist.barrier()
-            if val is None:                        # resumed after the last epoch's checkpoint
-                val = self._validate()
-            if main:
-                predictions = self._write_predictions(val)
-                final = self.history[-1] if self.history else {}
-                info = {"fold": self.fold, "epochs": self.epoch, "val_auc": val["val_auc"],
-                        "val_loss": val["val_loss"], "lesions": len(self.val_index)}
-                tmp = done.with_name(".done.json.tmp")
-                tmp.write_text(json.dumps(info, indent=1))
-                os.replace(tmp, done)
-                log.info("fold %d finished: val AUC %s (final epoch), predictions %s", self.fold,
-                         final.get("val_auc"), predictions)
-            dist.barrier()
-            return FoldResult(self.fold, self.dir, self.epoch, val["val_auc"], val["val_loss"], self.dir / "predictions.csv")
+                raise Preempted()
+            if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                self._save("last.pt")
+        seconds = time.perf_counter() - t0
+        val = self.last_val = self._validate()
+        train_loss = loss_sum / max(n_seen, 1)
+        if self.env.world_size > 1:
+            train_loss = dist.all_reduce_mean(train_loss)
+        row = {"epoch": self.epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["val_loss"], 6),
+               "val_auc": None if val["val_auc"] is None else round(val["val_auc"], 6),
+               "val_accuracy": round(val["val_accuracy"], 6), "lr": self.scheduler.get_last_lr()[0],
+               "seconds": round(seconds, 3), "samples_per_s": round(n_seen * self.env.world_size / seconds, 2)}
+        self.history.append(row)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if main:
+            for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "samples_per_s"):
+                if row[key] is not None:
+                    self.writer.add_scalar(key, row[key], self.global_step)
+            self.writer.flush()
+            self._write_metrics()
+        if val["val_auc"] is not None and val["val_auc"] > self.best_auc:
+            self.best_auc = val["val_auc"]
+            self._save("best.pt")
+        self._save("last.pt")
+        if main:
+            log.info("fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s, %.1f samples/s",
+                     self.fold, self.epoch, self.cfg.epochs, row["train_loss"], row["val_loss"],
+                     "n/a" if row["val_auc"] is None else f"{row['val_auc']:.4f}", row["samples_per_s"])
+        dist.barrier()
+        return row
+
+    def finish(self) -> FoldResult:
+        """Final predictions and done.json (the fold counts as finished from then on)."""
+        val = self.last_val or self._validate()    # None when resumed after the last epoch's checkpoint
+        if self.env.is_main:
+            predictions = self._write_predictions(val)
+            info = {"fold": self.fold, "epochs": self.epoch, "val_auc": val["val_auc"],
+                    "val_loss": val["val_loss"], "lesions": len(self.val_index)}
+            done = self.dir / "done.json"
+            tmp = done.with_name(".done.json.tmp")
+            tmp.write_text(json.dumps(info, indent=1))
+            os.replace(tmp, done)
+            log.info("fold %d finished: val AUC %s (final epoch), predictions %s", self.fold,
+                     val["val_auc"], predictions)
+        dist.barrier()
+        return FoldResult(self.fold, self.dir, self.epoch, val["val_auc"], val["val_loss"], self.dir / "predictions.csv")
+
+    def close(self) -> None:
+        if getattr(self, "flag", None) is not None:
+            self.flag.uninstall()
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+        for loader in ("train_loader", "val_loader"):
+            if hasattr(self, loader):
+                getattr(self, loader).close()
+        if getattr(self, "_log_handler", None) is not None:
+            logging.getLogger("wbs_dist").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        dist.cleanup()
+
+    def run(self) -> FoldResult:
+        done = self.finished()
+        if done is not None:
+            log.info("fold %d already finished (%s)", self.fold, self.dir / "done.json")
+            return done
+        try:
+            self.open()
+            while self.epoch < self.cfg.epochs:
+                self.train_epoch()
+            return self.finish()
         finally:
-            flag.uninstall()
-            if writer is not None:
-                writer.close()
-            for loader in ("train_loader", "val_loader"):
-                if hasattr(self, loader):
-                    getattr(self, loader).close()
-            dist.cleanup()
+            self.close()
 
 
 def train_fold(cfg: Config, fold: int, require_resume: bool = False) -> FoldResult:
