@@ -166,7 +166,11 @@ hw="$(slurmd -C | head -n1)" || die "slurmd -C failed"
 hw_field() { sed -n "s/.*\b$1=\([0-9]*\).*/\1/p" <<< "$hw"; }
 cpus="$(hw_field CPUs)" mem="$(hw_field RealMemory)"
 [[ -n "$cpus" && -n "$mem" ]] || die "could not parse CPUs/RealMemory from: $hw"
-hw_line="CPUs=$cpus Boards=$(hw_field Boards) SocketsPerBoard=$(hw_field SocketsPerBoard) CoresPerSocket=$(hw_field CoresPerSocket) ThreadsPerCore=$(hw_field ThreadsPerCore) RealMemory=$mem"
+# The node advertises WBS_SLURM_CPUS CPUs (default 8, oversubscribing a small machine), so that a
+# driver job (sbatch slurm/cv.sh) and two 2-task DDP fold jobs fit at once on a 2-core test machine;
+# config_overrides lets slurmd accept more CPUs than it counts. Set WBS_SLURM_CPUS=$cpus for the real count.
+cpus="${WBS_SLURM_CPUS:-8}"
+hw_line="CPUs=$cpus RealMemory=$mem"
 
 ctld_port=$port_base slurmd_port=$((port_base + 1)) dbd_port=$((port_base + 2))
 
@@ -200,6 +204,7 @@ SlurmdDebug=info
 MailProg=/bin/true
 MpiDefault=none
 # No cgroups without systemd: track processes by parent pid, bind nothing.
+SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 # CPUs are the consumable: one-CPU tasks pack $cpus at a time; memory is not scheduled.

@@ -61,3 +61,31 @@ def loader_store(tmp_path_factory):
     assert run_ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)) == 0
     write_folds(Store.open(base / "store.zarr"), k=3, seed=0)
     return base / "store.zarr"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start (or reuse) the local cluster; yield the client environment, also set in os.environ.
+
+    Set in os.environ because submitit and other code under test call sbatch/sacct themselves; sbatch
+    passes it on to the jobs. The cluster is left running afterwards: the next session reuses it in
+    well under a second, and `bash hpc/slurm-down.sh` stops it.
+    """
+    try:
+        r = subprocess.run(["bash", str(ROOT / "hpc" / "slurm-up.sh")], capture_output=True, text=True,
+                           timeout=900)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hpc/slurm-up.sh did not finish in {e.timeout} s:\n{e.stderr or ''}", pytrace=False)
+    if r.returncode != 0:
+        pytest.fail(f"hpc/slurm-up.sh could not start the SLURM cluster (exit {r.returncode}):\n"
+                    f"{r.stderr}\n{r.stdout}", pytrace=False)
+    state = Path(os.environ.get("WBS_SLURM_STATE", "/tmp/wbs-slurm"))
+    env = dict(line.split("=", 1) for line in (state / "env").read_text().splitlines() if "=" in line)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

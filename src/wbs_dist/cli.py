@@ -58,6 +58,18 @@ def _cmd_train(args) -> int:
     return run_train(args.config, args.overrides, fold=args.fold, resume=args.resume)
 
 
+def _cmd_cv(args) -> int:
+    from .cv import run_cv
+
+    return run_cv(args.config, args.overrides, launcher=args.launcher)
+
+
+def _cmd_tune(args) -> int:
+    from .tune import run_tune
+
+    return run_tune(args.config, args.overrides)
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -131,6 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fold", type=int, required=True, help="validation fold K")
     s.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("cv", help="all folds (locally or as SLURM jobs), then the report",
+                       description="Run the k folds of the cross-validation and write RUN_DIR/predictions.csv "
+                       "and RUN_DIR/report/. --launcher slurm submits a job array through submitit (one DDP "
+                       "job per fold), requeues preempted folds and retries failed ones. Finished folds are skipped.")
+    s.add_argument("config", type=Path, help="YAML config, e.g. configs/baseline.yaml")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, checked")
+    s.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: folds in turn in this process; slurm: a job array via submitit")
+    s.set_defaults(func=_cmd_cv)
+
+    s = sub.add_parser("tune", help="Ray Tune over learning rate x batch size, all folds per trial",
+                       description="Search lr and batch size around a training config with Ray Tune and ASHA: "
+                       "each trial trains every fold interleaved epoch by epoch and reports the mean validation "
+                       "AUC. Writes results.csv/.md and best.yaml (a config for `train`/`cv`) into the "
+                       "experiment directory. Rerun the same command to resume an interrupted sweep. Connects "
+                       "to the Ray cluster in RAY_ADDRESS (slurm/tune.sh), else starts a local one.")
+    s.add_argument("config", type=Path, help="tune YAML, e.g. configs/tune.yaml")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="tune key overrides (num_samples=8); training config keys as train.<key> (train.epochs=3)")
+    s.set_defaults(func=_cmd_tune)
 
     s = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic archive",
                        description="Synthesise an archive, ingest it and print what was made: the README's "

@@ -52,6 +52,18 @@ class Config:
     num_workers: int = 2                      # loader worker processes per rank (0 = in-process)
     checkpoint_every: int = 200               # steps between mid-epoch checkpoints (0 = epoch ends only)
     dist_timeout_s: float = 600.0             # bound on every DDP collective: a dead rank fails the job
+    # --- SLURM (`wbs-dist cv --launcher slurm`): one DDP job per fold, submitted as a job array ---------
+    slurm_partition: str = ""                 # empty: the cluster's default partition
+    slurm_account: str = ""                   # empty: your default account
+    slurm_nodes: int = 1                      # nodes per fold
+    slurm_gpus_per_node: int = 0              # 0 on CPU-only clusters
+    slurm_tasks_per_node: int = 1             # DDP ranks per node (one per GPU)
+    slurm_cpus_per_task: int = 8              # loader workers + the rank itself
+    slurm_mem_gb: int = 64                    # per node
+    slurm_time_min: int = 2880                # per fold job; a timed-out or preempted fold requeues and resumes
+    slurm_signal_delay_s: int = 120           # SIGUSR2 this long before the time limit: time to checkpoint
+    slurm_max_retries: int = 2                # resubmissions of a failed fold (requeues do not count)
+    slurm_setup: str = ""                     # shell lines run first in each fold job (module load, venv)
 
     # Checks per key: return an error string or None.
     _CHECKS = {
@@ -70,6 +82,14 @@ class Config:
         "grad_clip": lambda v: None if v >= 0 else "must be >= 0",
         "checkpoint_every": lambda v: None if v >= 0 else "must be >= 0",
         "dist_timeout_s": lambda v: None if v > 0 else "must be > 0",
+        "slurm_nodes": lambda v: None if v >= 1 else "must be >= 1",
+        "slurm_gpus_per_node": lambda v: None if v >= 0 else "must be >= 0",
+        "slurm_tasks_per_node": lambda v: None if v >= 1 else "must be >= 1",
+        "slurm_cpus_per_task": lambda v: None if v >= 1 else "must be >= 1",
+        "slurm_mem_gb": lambda v: None if v >= 1 else "must be >= 1",
+        "slurm_time_min": lambda v: None if v >= 1 else "must be >= 1",
+        "slurm_signal_delay_s": lambda v: None if v >= 0 else "must be >= 0",
+        "slurm_max_retries": lambda v: None if v >= 0 else "must be >= 0",
         "num_workers": lambda v: None if v >= 0 else "must be >= 0",
     }
 

@@ -1,40 +1,53 @@
 """`wbs-dist demo`: the pipeline end to end on the built-in synthetic archive, local mode.
 
-Each step is skipped when its output is already there, so rerunning the demo is cheap.
+synth → ingest → cv (five folds in this process, configs/local.yaml) → report. Each step is skipped
+when its output is already there, so rerunning the demo is cheap and an interrupted one continues.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from .errors import EXIT_OK, UsageError
 
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local.yaml"
+
 
 def run_demo(out: Path, patients: int = 60, seed: int = 0, workers: int = 2) -> int:
+    from .config import load_config
+    from .cv import run_cv
     from .ingest import run_ingest
-    from .store import Store
     from .synth import run_synth
 
-    out = Path(out)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    archive = out / "archive"
-    store = out / "store.zarr"
+    archive, store, runs = out / "archive", out / "store.zarr", out / "runs"
+    overrides = [f"store={store}", f"run_dir={runs}"]
+    cfg = load_config(CONFIG, overrides)
     # The demo keeps its pseudonym secret beside its data: it holds no real patients.
-    secret = Path(os.environ.get("WBS_DIST_SECRET_FILE", out / "secret"))
+    os.environ.setdefault("WBS_DIST_SECRET_FILE", str(out / "secret"))
     if not archive.exists():
-        print(f"[demo] 1/2 synthesising {patients} patients into {archive}")
+        print(f"[demo] 1/4 synthesising {patients} patients into {archive}", flush=True)
         run_synth(archive, patients=patients, seed=seed, form="dir")
     else:
-        print(f"[demo] 1/2 archive {archive} already there")
-    print(f"[demo] 2/2 ingesting into {store}")
-    rc = run_ingest(archive, store=store, secret_file=secret, workers=workers)
-    if rc not in (EXIT_OK,):
+        print(f"[demo] 1/4 archive {archive} already there", flush=True)
+    print(f"[demo] 2/4 ingesting into {store}", flush=True)
+    rc = run_ingest(archive, store=store, workers=workers, train_size=(cfg.image_height, cfg.image_width))
+    if rc != EXIT_OK:
         raise UsageError(f"ingest of the synthetic archive reported skipped inputs (exit {rc}); see {store}.errors.csv")
-    st = Store.open(store)
-    table = st.lesion_table()
-    counts = st.root.attrs["counts"]
-    print(f"[demo] done: {counts['studies']} studies, {counts['lesions']} lesions "
-          f"({100 * table['label'].mean():.1f} % malignant) in {store}")
-    print(f"[demo] open it with: python -c \"import zarr; print(zarr.open_group('{store}').tree())\"")
+    print(f"[demo] 3/4 five-fold cross-validation ({CONFIG.name}: {cfg.model}, {cfg.image_height}x{cfg.image_width}, "
+          f"{cfg.epochs} epochs) in {runs}", flush=True)
+    run_cv(CONFIG, overrides, launcher="local")
+    metrics = json.loads((runs / "report" / "metrics.json").read_text())
+    pooled, mean = metrics["lesion"]["pooled"], metrics["lesion"]["mean"]
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    print(f"[demo] 4/4 report: {runs / 'report' / 'report.html'}")
+    print(f"[demo] lesion level, mean of {cfg.folds} folds: accuracy {pct(mean['accuracy'])}, sensitivity "
+          f"{pct(mean['sensitivity'])}, specificity {pct(mean['specificity'])}, AUC "
+          f"{'n/a' if mean['auc'] is None else format(mean['auc'], '.3f')}; pooled n = {pooled['n']}")
     return EXIT_OK

@@ -133,6 +133,9 @@ class FoldTrainer:
         cfg, env = self.cfg, self.env
         dist.init_process_group(env, timeout_s=cfg.dist_timeout_s)
         self.rank_seed = dist.seed_everything(cfg.seed, env.rank)
+        # Use the CPUs SLURM gave this task, not every core of the node (ranks would oversubscribe it).
+        if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         self.device = torch.device(env.device)
         self.cuda = self.device.type == "cuda"
         if cfg.deterministic:

@@ -1,0 +1,1 @@
+"""Launchers: how the folds get run (in this process, or as SLURM jobs). Training imports none of them."""

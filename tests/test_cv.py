@@ -1,0 +1,138 @@
+"""`wbs-dist cv`: locally, and on a real SLURM cluster through submitit (`sbatch slurm/cv.sh`)."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wbs_dist.config import load_config
+from wbs_dist.launch.slurm import slurm_parameters
+
+from conftest import ROOT, run_cli
+
+GOLDEN = ROOT / "tests" / "golden"
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
+@pytest.fixture(scope="session")
+def cv_store(tmp_path_factory):
+    """40 patients at 64 x 32 with five folds: the study's k on a store small enough for CPUs."""
+    from wbs_dist.folds import write_folds
+    from wbs_dist.ingest import run_ingest
+    from wbs_dist.store import Store
+    from wbs_dist.synth import run_synth
+
+    base = tmp_path_factory.mktemp("cv")
+    run_synth(base / "archive", patients=40, seed=5, form="dir")
+    assert run_ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)) == 0
+    write_folds(Store.open(base / "store.zarr"), k=5, seed=0)
+    return base / "store.zarr"
+
+
+def tiny_config(path: Path, store: Path, run_dir: Path, **extra) -> Path:
+    cfg = {"store": str(store), "run_dir": str(run_dir), "image_height": 64, "image_width": 32,
+           "model": "resnet18", "weights": "none", "epochs": 1, "folds": 5, "num_workers": 0,
+           "deterministic": True, "slurm_tasks_per_node": 2, "slurm_cpus_per_task": 1, "slurm_mem_gb": 2,
+           "slurm_time_min": 30, "slurm_signal_delay_s": 30}
+    cfg.update(extra)
+    path.write_text(yaml.safe_dump(cfg))
+    load_config(path)  # the tests' configs are valid configs
+    return path
+
+
+@pytest.mark.parametrize("name", ["baseline", "local"])
+def test_sbatch_parameters_match_golden_file(name):
+    """The sbatch text submitit generates for a fold job, pinned: resources come from the config."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    text = _make_sbatch_string(command="python -u -m submitit.core._submit /RUN/slurm/%j", folder="/RUN/slurm/%j",
+                               map_count=cfg.folds, **slurm_parameters(cfg))
+    golden = GOLDEN / f"cv_{name}.sbatch"
+    if os.environ.get("WBS_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"sbatch text changed; review and rerun with WBS_UPDATE_GOLDEN=1\n{text}"
+
+
+def test_local_cv_runs_every_fold_and_writes_the_report(cv_store, tmp_path):
+    cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs")
+    res = run_cli("cv", cfg, "--launcher", "local")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "report" / "metrics.json").read_text())
+    assert sorted(metrics["lesion"]["folds"]) == ["0", "1", "2", "3", "4"]
+    assert (tmp_path / "runs" / "report" / "report.html").exists()
+    rows = (tmp_path / "runs" / "predictions.csv").read_text().splitlines()
+    assert len(rows) - 1 == metrics["lesion"]["pooled"]["n"]
+    # A rerun finds every fold finished and only rebuilds the report.
+    res = run_cli("cv", cfg, "--launcher", "local")
+    assert res.returncode == 0 and res.stderr.count("already finished") == 5
+
+
+def _sacct_state(jobid: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", jobid, "-o", "State"], capture_output=True, text=True).stdout
+    return out.split()[0].split()[0] if out.split() else "UNKNOWN"
+
+
+def _wait(predicate, what: str, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sbatch_cv_sh_runs_five_ddp_folds_and_writes_the_report(slurm_cluster, cv_store, tmp_path):
+    cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs")
+    out = tmp_path / "driver.out"
+    jobid = subprocess.run(["sbatch", "--parsable", "-o", str(out), str(ROOT / "slurm" / "cv.sh"), str(cfg)],
+                           capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    _wait(lambda: _sacct_state(jobid) in TERMINAL, "the cv driver job", timeout=900)
+    log = out.read_text()
+    assert _sacct_state(jobid) == "COMPLETED", log[-3000:]
+    assert "[cv] report:" in log
+    for k in range(5):
+        assert "cpu x 2 rank(s)" in (tmp_path / "runs" / f"fold{k}" / "train.log").read_text()
+        assert (tmp_path / "runs" / f"fold{k}" / "done.json").exists()
+    metrics = json.loads((tmp_path / "runs" / "report" / "metrics.json").read_text())
+    assert sorted(metrics["lesion"]["folds"]) == ["0", "1", "2", "3", "4"]
+
+
+def test_requeued_fold_resumes_and_ends_like_an_uninterrupted_run(slurm_cluster, cv_store, tmp_path):
+    import dataclasses
+
+    from wbs_dist.launch.slurm import FoldJob, _executor
+
+    extra = {"epochs": 3, "checkpoint_every": 2, "slurm_tasks_per_node": 1}
+    cfg = load_config(tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs", **extra))
+    executor = _executor(cfg)
+    job = executor.submit(FoldJob(dataclasses.asdict(cfg)), 1)
+    last = tmp_path / "runs" / "fold1" / "last.pt"
+    _wait(last.exists, "the fold's first checkpoint", timeout=300)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    _wait(lambda: _sacct_state(job.job_id) in TERMINAL, "the requeued fold", timeout=600)
+    assert _sacct_state(job.job_id) == "COMPLETED"
+    states = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", job.job_id, "-o", "State"],
+                            capture_output=True, text=True).stdout.split()
+    assert states[0] == "REQUEUED", states
+    assert "resumed from" in (tmp_path / "runs" / "fold1" / "train.log").read_text()
+    # The same fold, uninterrupted, in this machine's own process.
+    ref_cfg = tiny_config(tmp_path / "ref.yaml", cv_store, tmp_path / "ref", **extra)
+    res = run_cli("train", ref_cfg, "--fold", 1)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "runs" / "fold1" / "predictions.csv").read_bytes() == \
+        (tmp_path / "ref" / "fold1" / "predictions.csv").read_bytes()
+
+
+def test_failing_folds_are_retried_and_reported(slurm_cluster, cv_store, tmp_path):
+    cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs", slurm_max_retries=1,
+                      slurm_setup="echo 'module: command not found' >&2; exit 3")
+    res = run_cli("cv", cfg, "--launcher", "slurm", timeout=600)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "failed after all retries" in res.stderr and "module: command not found" in res.stderr
+    assert res.stdout.count("resubmitted") == 5                  # each fold tried twice
+    assert res.stderr.count("(attempt 2,") == 5
