@@ -34,9 +34,11 @@ def collect(loader):
 def test_dali_equals_dataset_bit_for_bit_without_augmentation(index):
     ds = LesionDataset(index)
     seen = set()
-    # Parallel external source (2 worker processes), as in training.
+    # Parallel external source (2 worker processes), as in training. Batches are zero-copy views of
+    # DALI's outputs: hold a whole epoch before comparing, so a reused buffer would show.
     with LesionLoader(index, global_batch=8, train=False, workers=2) as loader:
-        for b in loader.epoch():
+        held = list(loader.epoch())
+        for b in held:
             for j in range(len(b.index)):
                 if b.valid[j]:
                     i = int(b.index[j])

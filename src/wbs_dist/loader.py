@@ -250,5 +250,6 @@ class LesionLoader:
 
 
 def _cpu(tl) -> torch.Tensor:
-    # DALI reuses its output buffers: copy before the next run().
-    return torch.from_numpy(np.array(tl.as_tensor(), copy=True))
+    # Zero-copy: with exec_dynamic, DALI hands over each output buffer and never reuses it while a
+    # reference (here the DLPack capsule) lives, so batches stay valid however long they are held.
+    return torch.from_dlpack(tl.as_tensor())
