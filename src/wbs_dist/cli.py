@@ -82,6 +82,14 @@ def _cmd_report(args) -> int:
     return run_report(args.predictions, out=args.out, threshold=args.threshold)
 
 
+def _cmd_score(args) -> int:
+    from .score import run_score
+
+    return run_score(args.archive, run=args.run, out=args.out, fold=args.fold, shard=args.shard,
+                     overlays=args.overlays, workers=args.workers, batch=args.batch,
+                     annotations=args.annotations, part_size=args.part_size)
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -182,6 +190,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", default="0.5",
                    help="decision threshold: a number in [0,1], or 'youden' (chosen on training folds only)")
     s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("score", help="score an archive's lesions with a run's fold ensemble",
+                       description="Score every lesion of a DICOM archive (folder, .zip, .tar) with the mean "
+                       "probability of a run's finished fold models: annotated lesions where the archive has "
+                       "annotations, hot-spot candidates elsewhere. Writes PRED.csv (DESIGN 3.3), "
+                       "PRED.summary.csv (one row per study) and PRED.errors.csv. The output carries the "
+                       "original Study Instance UIDs and Patient IDs: it is identifying, for the site. "
+                       "Resumable (rerun to finish); with --shard I/N it scores one shard into PRED.csv.parts/ "
+                       "and the same command without --shard merges the shards (see slurm/score.sh).")
+    s.add_argument("archive", type=Path, help="folder, .zip, .tar, .tar.gz or .tgz of DICOM studies")
+    s.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
+                   help="run directory holding fold<K>/ (done.json, last.pt, config.yaml)")
+    s.add_argument("--out", type=Path, required=True, metavar="PRED.csv", help="predictions CSV to write")
+    s.add_argument("--fold", type=int, default=None, metavar="K",
+                   help="score with fold K only (default: every finished fold)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="score only the studies whose uid hashes to I mod N (0 <= I < N); parts only, no CSV")
+    s.add_argument("--overlays", type=Path, default=None, metavar="DIR",
+                   help="write DIR/<study_uid>.png: views with lesion contours coloured by score")
+    s.add_argument("--annotations", type=Path, default=None, metavar="DIR",
+                   help="folder holding annotations.csv and masks/ (default: inside the archive)")
+    s.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="decoding processes (default 2; 0 = in-process)")
+    s.add_argument("--batch", type=int, default=32, metavar="B",
+                   help="lesions per forward pass, across studies (default 32)")
+    s.add_argument("--part-size", type=int, default=64, metavar="N",
+                   help="studies per results part file (default 64); a kill loses at most the unwritten ones")
+    s.set_defaults(func=_cmd_score)
     return p
 
 

@@ -58,23 +58,27 @@ def _init_worker(archive: Archive, masks: Archive | None, store_path: Path) -> N
     _WORKER.update(archive=archive, masks=masks, store=Store.open(store_path))
 
 
-def _header_task(name: str) -> tuple[str, Header | str]:
-    arc: Archive = _WORKER["archive"]
+def header_of(arc: Archive, name: str) -> Header | str:
+    """A member's DICOM header, or the reason it is not one we can use."""
     try:
         if arc.size(name) == 0:
-            return name, "empty file"
+            return "empty file"
         with arc.open_member(name) as fh:
-            return name, read_header(fh)
+            return read_header(fh)
     except Rejected as exc:
-        return name, str(exc)
+        return str(exc)
     except OSError as exc:
-        return name, f"cannot read ({exc})"
+        return f"cannot read ({exc})"
+
+
+def _header_task(name: str) -> tuple[str, Header | str]:
+    return name, header_of(_WORKER["archive"], name)
 
 
 def _study_task(job: StudyJob) -> StudyOutcome:
     out = StudyOutcome(job.key)
     try:
-        data = _assemble(job, out)
+        data = assemble_study(job, out, _WORKER["archive"], _WORKER["masks"])
     except Rejected as exc:
         out.errors.append((job.members[0], str(exc)))
         return out
@@ -84,8 +88,11 @@ def _study_task(job: StudyJob) -> StudyOutcome:
     return out
 
 
-def _assemble(job: StudyJob, out: StudyOutcome) -> StudyData | None:
-    arc: Archive = _WORKER["archive"]
+def assemble_study(job: StudyJob, out: StudyOutcome, arc: Archive, masks: Archive | None) -> StudyData | None:
+    """Decode a study's objects, identify its views and check its annotations against them.
+
+    None when an object or the annotations fail (the reasons are added to `out.errors`); raises
+    Rejected when the study as a whole cannot be used (two views of one name, sizes differ)."""
     views: dict[str, np.ndarray] = {}
     sources, origin = [], {}
     failed = False
@@ -141,7 +148,7 @@ def _assemble(job: StudyJob, out: StudyOutcome) -> StudyData | None:
                 continue
             member = job.masks[view]
             try:
-                mask = ann.read_mask(_WORKER["masks"].read(member), member, views[view].shape)
+                mask = ann.read_mask(masks.read(member), member, views[view].shape)
             except (ValueError, OSError) as exc:
                 problems.append((member, str(exc)))
                 continue
@@ -174,7 +181,7 @@ def _assemble(job: StudyJob, out: StudyOutcome) -> StudyData | None:
 
 
 # -- driver -------------------------------------------------------------------------------------------
-def _find_annotations(arc: Archive, annotations: Path | None) -> tuple[Archive | None, str | None, set[str]]:
+def find_annotations(arc: Archive, annotations: Path | None) -> tuple[Archive | None, str | None, set[str]]:
     """(source archive, csv member name, members to exclude from DICOM reading)."""
     if annotations is not None:
         src = Archive.open(annotations)
@@ -192,6 +199,35 @@ def _find_annotations(arc: Archive, annotations: Path | None) -> tuple[Archive |
     prefix = "" if str(base) == "." else f"{base}/"
     exclude = {found[0]} | {m for m in arc.members if m.startswith(f"{prefix}masks/")}
     return arc, found[0], exclude
+
+
+def group_studies(headers, errors: list[tuple[str, str]]) -> dict[str, list[tuple[str, Header]]]:
+    """(member, header or reason) pairs → study uid → its objects, in the order given. Unreadable
+    members and second copies of an object (same SOP Instance UID) go to `errors`."""
+    studies: dict[str, list[tuple[str, Header]]] = defaultdict(list)
+    first_sop: dict[str, str] = {}
+    for name, res in headers:
+        if isinstance(res, str):
+            errors.append((name, res))
+        elif res.directory:
+            log.debug("skipping DICOMDIR %s", name)
+        elif res.sop_uid in first_sop:
+            errors.append((name, f"duplicate SOP Instance UID: same object as {first_sop[res.sop_uid]}; "
+                                 "not read twice"))
+        else:
+            first_sop[res.sop_uid] = name
+            studies[res.study_uid].append((name, res))
+    return studies
+
+
+def mask_members(ann_src: Archive | None, csv_name: str | None, uid: str) -> dict[str, str]:
+    """view → mask member name for a study, from the folder holding annotations.csv."""
+    if ann_src is None or csv_name is None:
+        return {}
+    base = str(PurePosixPath(csv_name).parent)
+    prefix = "" if base == "." else f"{base}/"
+    return {view: f"{prefix}masks/{uid}/{view}.png" for view in ann.VIEWS
+            if ann_src.has(f"{prefix}masks/{uid}/{view}.png")}
 
 
 def _pool(workers: int, initargs):
@@ -215,31 +251,19 @@ def run_ingest(archive: Path, store: Path, annotations: Path | None = None, secr
     if Path(store).resolve() == Path(archive).resolve():
         raise UsageError("the store cannot be the archive itself")
     with Archive.open(archive) as arc:
-        ann_src, csv_name, exclude = _find_annotations(arc, annotations)
+        ann_src, csv_name, exclude = find_annotations(arc, annotations)
         st = Store.create_or_open(store, train_size)
         st.clear_staging()                     # leftovers of an interrupted run are never trusted
         errors: list[tuple[str, str]] = [(r.path, r.reason) for r in arc.refused]
         if ann_src is not None and ann_src is not arc:
             errors += [(f"{annotations}/{r.path}", r.reason) for r in ann_src.refused]
         rows = ann.parse_annotations(ann_src.read(csv_name), csv_name) if ann_src is not None else {}
-        mask_prefix = "" if csv_name is None else (lambda p: "" if p == "." else f"{p}/")(str(PurePosixPath(csv_name).parent))
 
         candidates = [m for m in arc.members if m not in exclude]
         pool = _pool(workers, (arc, ann_src, st.path))
         try:
             # Pass 1: headers → studies.
-            studies: dict[str, list[tuple[str, Header]]] = defaultdict(list)
-            first_sop: dict[str, str] = {}
-            for name, res in _map(pool, _header_task, candidates, "reading headers"):
-                if isinstance(res, str):
-                    errors.append((name, res))
-                elif res.directory:
-                    log.debug("skipping DICOMDIR %s", name)
-                elif res.sop_uid in first_sop:
-                    errors.append((name, f"duplicate SOP Instance UID: same object as {first_sop[res.sop_uid]}; not read twice"))
-                else:
-                    first_sop[res.sop_uid] = name
-                    studies[res.study_uid].append((name, res))
+            studies = group_studies(_map(pool, _header_task, candidates, "reading headers"), errors)
 
             # Annotation rows for studies that are not in the archive.
             for uid, a in rows.items():
@@ -258,11 +282,7 @@ def run_ingest(archive: Path, store: Path, annotations: Path | None = None, secr
                 a = rows.get(uid)
                 if a is not None and a.tumor_type:
                     patients_tumor[patient].add(a.tumor_type)
-                masks = {}
-                for view in ann.VIEWS:
-                    member = f"{mask_prefix}masks/{uid}/{view}.png"
-                    if ann_src is not None and ann_src.has(member):
-                        masks[view] = member
+                masks = mask_members(ann_src, csv_name, uid)
                 if st.has_study(key):
                     skipped_existing += 1
                     continue

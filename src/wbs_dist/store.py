@@ -131,6 +131,21 @@ def resample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+def training_level(views: dict[str, np.ndarray], labels: dict[str, np.ndarray], height: int,
+                   width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training level of a study: anterior | posterior side by side, each view area-resampled to
+    (height, width / 2); zeros where a view is absent. Views of other names are not placed."""
+    image = np.zeros((height, width), np.float32)
+    out = np.zeros((height, width), np.uint16)
+    half = width // 2
+    for i, view in enumerate(VIEWS):
+        if view in views:
+            image[:, i * half:(i + 1) * half] = resample_counts(views[view], height, half)
+        if view in labels:
+            out[:, i * half:(i + 1) * half] = resample_labels(labels[view], height, half)
+    return image, out
+
+
 def count_scale(image: np.ndarray) -> float:
     """The count normalisation: the 99th percentile of the body's counts at the training level.
 
@@ -227,15 +242,7 @@ class Store:
         final = self.path / "studies" / data.key
         if final.exists():
             return False
-        h, w = self.train_size
-        image = np.zeros((h, w), np.float32)
-        labels = np.zeros((h, w), np.uint16)
-        half = w // 2
-        for i, view in enumerate(VIEWS):
-            if view in data.views:
-                image[:, i * half:(i + 1) * half] = resample_counts(data.views[view], h, half)
-            if view in data.labels:
-                labels[:, i * half:(i + 1) * half] = resample_labels(data.labels[view], h, half)
+        image, labels = training_level(data.views, data.labels, *self.train_size)
         areas = {int(v): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
         attrs = dict(data.attrs)
         attrs["count_scale"] = count_scale(image)

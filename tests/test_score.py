@@ -1,0 +1,247 @@
+"""`wbs-dist score`: annotated and candidate lesions, the training code's preprocessing, the fold
+ensemble, shards that merge to the unsharded output, kill and resume, bad inputs."""
+
+import csv
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+from wbs_dist.archive import Archive
+from wbs_dist.config import load_config
+from wbs_dist.score import parts_dir, run_score
+from wbs_dist.synth import plan_study
+
+from conftest import ROOT, WBS
+
+SYNTH_SEED = 7  # conftest's synth_archive
+
+
+def rows_of(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def assert_same_rows(a: Path, b: Path) -> None:
+    """Same rows, scores within float noise: CPU convolutions round differently with the batch's
+    composition and the thread count, so the sixth decimal of a score may differ between runs (and
+    with it which of two near-equal lesions is a study's highest)."""
+    scores, ignored = ("score", "max_score"), ("max_lesion_id",)
+
+    def split(path):
+        rows = sorted(rows_of(path), key=lambda r: tuple(v for k, v in r.items() if k not in scores + ignored))
+        return ([tuple(v for k, v in r.items() if k not in scores + ignored) for r in rows],
+                np.array([[float(r[k] or "nan") for k in scores if k in r] for r in rows]))
+
+    (keys_a, scores_a), (keys_b, scores_b) = split(a), split(b)
+    assert keys_a == keys_b
+    np.testing.assert_allclose(scores_a, scores_b, atol=1e-5, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def run_dir(loader_store, tmp_path_factory):
+    """fold0 trained for one epoch; fold1 its weights perturbed (a distinct second model)."""
+    from wbs_dist.train import train_fold
+
+    run = tmp_path_factory.mktemp("score") / "run"
+    cfg = load_config(ROOT / "configs" / "local.yaml",
+                      [f"store={loader_store}", f"run_dir={run}", "image_height=64", "image_width=32", "folds=3",
+                       "epochs=1", "model=resnet18", "deterministic=false", "checkpoint_every=0"])
+    train_fold(cfg, 0)
+    state = torch.load(run / "fold0" / "last.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    state["model"] = {k: v + 0.05 * torch.randn(v.shape, generator=gen) * v.abs().mean() if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    (run / "fold1").mkdir()
+    torch.save(state, run / "fold1" / "last.pt")
+    for name in ("config.yaml", "done.json"):
+        shutil.copy(run / "fold0" / name, run / "fold1" / name)
+    return run
+
+
+@pytest.fixture(scope="module")
+def full(synth_archive, run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "pred.csv"
+    assert run_score(synth_archive, run_dir, out, workers=2, batch=16, overlays=out.parent / "overlays") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def nm1_archive(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nm1")
+    shutil.copy(get_testdata_file("JPEG-LL.dcm"), folder / "NM1.dcm")
+    return folder
+
+
+def test_annotated_lesions_one_row_each_with_scores_in_0_1(full, synth_archive):
+    pred = rows_of(full)
+    ann = {(r["study_uid"], int(r["lesion_id"])): r for r in rows_of(synth_archive / "annotations.csv")}
+    annotated = {uid for uid, _ in ann}
+    got = {(r["study_uid"], int(r["lesion_id"])): r for r in pred if r["study_uid"] in annotated}
+    assert len(got) == sum(r["study_uid"] in annotated for r in pred), "a lesion written twice"
+    assert set(got) == set(ann)
+    for key, row in got.items():
+        a = ann[key]
+        assert row["view"] == a["view"] and row["tumor_type"] == a["tumor_type"]
+        assert row["label"] == ("1" if a["label"] == "malignant" else "0")
+        assert int(row["lesion_count"]) == sum(uid == key[0] for uid, _ in ann)
+    for row in pred:
+        assert 0.0 <= float(row["score"]) <= 1.0 and row["fold"] == ""
+    # The site's own identifiers come back, so it can act on the result.
+    ids = {plan_study(SYNTH_SEED, i).study_uid: plan_study(SYNTH_SEED, i).patient.patient_id for i in range(12)}
+    assert {r["study_uid"]: r["patient_id"] for r in pred} == {u: ids[u] for u in {r["study_uid"] for r in pred}}
+
+
+def test_summary_errors_and_overlays(full, synth_archive):
+    summary = {r["study_uid"]: r for r in rows_of(full.with_name("pred.summary.csv"))}
+    assert len(summary) == 12
+    pred = rows_of(full)
+    for uid, s in summary.items():
+        scores = [float(r["score"]) for r in pred if r["study_uid"] == uid]
+        assert int(s["lesions"]) == len(scores)
+        assert s["source"] == ("annotated" if any(r["label"] for r in pred if r["study_uid"] == uid) else "candidates")
+        if scores:
+            assert float(s["max_score"]) == pytest.approx(max(scores), abs=1e-6)
+    # Studies without annotation rows are scored through the candidate path.
+    unannotated = [s for s in summary.values() if s["source"] == "candidates"]
+    assert all(int(s["lesions"]) > 0 for s in unannotated)
+    assert rows_of(full.with_name("pred.errors.csv")) == []
+    assert len(list((full.parent / "overlays").glob("*.png"))) == 12
+
+
+def test_preprocessing_is_the_training_pipelines(loader_store):
+    """The scorer's network input for a lesion equals the training dataset's, bit for bit."""
+    from wbs_dist import score
+    from wbs_dist.dataset import LesionDataset, lesion_index, make_input, normalise
+    from wbs_dist.deid import keyed_hash, load_or_create_secret
+    from wbs_dist.ingest import StudyJob, find_annotations, mask_members
+    from wbs_dist.annotations import parse_annotations
+    from wbs_dist.store import Store
+
+    store = Store.open(loader_store)
+    index = lesion_index(store, [0, 1, 2], 64, 32)
+    secret = load_or_create_secret(None)
+    with Archive.open(loader_store.parent / "archive") as arc:
+        ann_src, csv_name, _ = find_annotations(arc, None)
+        rows = parse_annotations(ann_src.read(csv_name))
+        uid = sorted(u for u, a in rows.items() if len(a.lesions) >= 2)[0]
+        members = sorted(m for m in arc.members if m.startswith("DICOM/") and
+                         pydicom.dcmread(arc.open_member(m), stop_before_pixels=True).StudyInstanceUID == uid)
+        score._init_worker(arc, ann_src, 64, 32, False)
+        res = score._study_task(StudyJob(uid, "", members, rows[uid], mask_members(ann_src, csv_name, uid)))
+    key = keyed_hash(secret, "study", uid)
+    dataset = LesionDataset(index)
+    s = index.study_keys.index(key)
+    for lid, _, _, scan in res.lesions:
+        i = int(np.nonzero((index.study == s) & (index.lesion_id == lid))[0][0])
+        ours = make_input(normalise(res.scans[scan].image, np.float32(res.scans[scan].scale)),
+                          res.scans[scan].labels, lid, True)
+        assert np.array_equal(ours, dataset[i]["x"].numpy())
+
+
+def test_shards_merge_to_the_unsharded_output(full, synth_archive, run_dir, tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    for i in range(3):
+        assert run_score(synth_archive, run_dir, out, shard=f"{i}/3", workers=0) == 0
+    assert not out.exists()  # shards write parts only
+    capsys.readouterr()
+    assert run_score(synth_archive, run_dir, out, workers=0) == 0
+    assert "0 studies scored now, 12 already done" in capsys.readouterr().out
+    assert_same_rows(out, full)
+    assert_same_rows(out.with_name("pred.summary.csv"), full.with_name("pred.summary.csv"))
+
+
+def test_kill_at_a_random_point_then_rerun_gives_each_lesion_once(full, synth_archive, run_dir, tmp_path):
+    out = tmp_path / "pred.csv"
+    cmd = WBS + ["score", str(synth_archive), "--run", str(run_dir), "--out", str(out), "--workers", "1",
+                 "--batch", "4", "--part-size", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 120
+    while not list(parts_dir(out).glob("part-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random().uniform(0.0, 0.3))
+    os.killpg(proc.pid, signal.SIGKILL)  # the scorer and its worker, mid-write whatever they were doing
+    proc.wait()
+    done_before = len(list(parts_dir(out).glob("part-*.json")))
+    assert not out.exists() and done_before < 12, "the kill should interrupt the run"
+    assert run_score(synth_archive, run_dir, out, workers=0) == 0
+    pred = rows_of(out)
+    keys = [(r["study_uid"], r["lesion_id"]) for r in pred]
+    assert len(keys) == len(set(keys))
+    assert_same_rows(out, full)
+
+
+def test_bad_files_are_listed_and_exit_3(synth_archive, run_dir, tmp_path):
+    from wbs_dist.cli import main
+
+    dicom = sorted(p for p in (synth_archive / "DICOM").rglob("*") if p.is_file())
+    by_study: dict[str, list[Path]] = {}
+    for p in dicom:
+        by_study.setdefault(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID, []).append(p)
+    # Studies held in one uncompressed 2-frame object: cutting its end leaves the header whole.
+    single = [files[0] for files in by_study.values() if len(files) == 1 and pydicom.dcmread(
+        files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian]
+    good, victim = single[0], single[1]
+    arc = tmp_path / "archive"
+    arc.mkdir()
+    shutil.copy(good, arc / "good.dcm")
+    data = victim.read_bytes()
+    (arc / "truncated.dcm").write_bytes(data[: len(data) * 2 // 3])  # pixel data cut short
+    shutil.copy(get_testdata_file("CT_small.dcm"), arc / "ct.dcm")
+    (arc / "notes.txt").write_text("export log\n")
+    out = tmp_path / "out" / "pred.csv"
+    assert main(["score", str(arc), "--run", str(run_dir), "--out", str(out), "--workers", "0"]) == 3
+    errors = {r["path"]: r["reason"] for r in rows_of(out.with_name("pred.errors.csv"))}
+    assert "not a DICOM file" in errors["notes.txt"]
+    assert "not a nuclear-medicine planar image (Modality CT" in errors["ct.dcm"]
+    assert "pixel data could not be decoded" in errors["truncated.dcm"]
+    assert {r["source"] for r in rows_of(out.with_name("pred.summary.csv"))} == {"candidates"}
+    # A rerun tries the failed study again (it is not recorded as done) and lists it again.
+    assert main(["score", str(arc), "--run", str(run_dir), "--out", str(out), "--workers", "0"]) == 3
+    assert "truncated.dcm" in {r["path"] for r in rows_of(out.with_name("pred.errors.csv"))}
+
+
+def test_real_nm1_scan_scored_through_the_candidate_path(nm1_archive, run_dir, tmp_path):
+    out = tmp_path / "pred.csv"
+    assert run_score(nm1_archive, run_dir, out, workers=0) == 0
+    pred = rows_of(out)
+    (summary,) = rows_of(out.with_name("pred.summary.csv"))
+    assert summary["source"] == "candidates" and summary["views"] == "unknown"
+    assert pred and {r["view"] for r in pred} == {"unknown"} and {r["label"] for r in pred} == {""}
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in pred)
+
+
+def test_ensemble_score_is_the_mean_of_the_folds(nm1_archive, run_dir, tmp_path):
+    scores = {}
+    for name, fold in (("both", None), ("f0", 0), ("f1", 1)):
+        out = tmp_path / name / "pred.csv"
+        assert run_score(nm1_archive, run_dir, out, fold=fold, workers=0) == 0
+        scores[name] = np.array([float(r["score"]) for r in rows_of(out)])
+    assert not np.allclose(scores["f0"], scores["f1"], atol=1e-4), "the two folds should differ"
+    np.testing.assert_allclose(scores["both"], (scores["f0"] + scores["f1"]) / 2, atol=2e-6)
+
+
+def test_other_setup_in_the_parts_folder_is_refused(full, synth_archive, run_dir):
+    from wbs_dist.errors import UsageError
+
+    with pytest.raises(UsageError, match="another setup"):
+        run_score(synth_archive, run_dir, full, fold=0, workers=0)
+
+
+def test_usage_errors_exit_2(nm1_archive, run_dir, tmp_path):
+    from wbs_dist.cli import main
+
+    out = str(tmp_path / "pred.csv")
+    assert main(["score", str(nm1_archive), "--run", str(run_dir), "--out", out, "--shard", "3/3"]) == 2
+    assert main(["score", str(nm1_archive), "--run", str(tmp_path / "nope"), "--out", out]) == 2
+    assert main(["score", str(nm1_archive), "--run", str(run_dir), "--out", out, "--fold", "7"]) == 2
