@@ -1,0 +1,77 @@
+#!/bin/bash
+# The lr x batch sweep in ONE SLURM job: a Ray head on the first node, a Ray worker on each other node,
+# `wbs-dist tune` driving the trials, and every Ray process stopped when the job ends, fails or is
+# cancelled. Resources are the #SBATCH lines (trial sizes are the tune YAML's cpus_per_trial and
+# gpus_per_trial); everything else is in the YAML.
+#
+#   sbatch slurm/tune.sh configs/tune.yaml [key=value ...]
+#   sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=32 slurm/tune.sh configs/tune.yaml
+#
+# Resubmit the same command after a cancel or time-out: the sweep is restored from storage_path (put
+# it and the store on storage every node mounts). Run it from the repository (or set WBS_DIST_VENV to
+# the environment made by hpc/setup-venv.sh). RAY_HEAD_IP picks the head's interface when the first
+# address of `hostname -I` is not the one the nodes reach each other on.
+#SBATCH --job-name=wbs-tune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=2-00:00:00
+#SBATCH --output=slurm-tune-%j.out
+set -euo pipefail
+venv="${WBS_DIST_VENV:-${SLURM_SUBMIT_DIR:-.}/.venv}"
+source "$venv/bin/activate"
+
+cpus="${SLURM_CPUS_PER_TASK:-1}"
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_ip="${RAY_HEAD_IP:-$(hostname -I | awk '{print $1}')}"
+port=$((6380 + SLURM_JOB_ID % 1000))   # jobs sharing a node must not share a head port
+export RAY_ADDRESS="$head_ip:$port"     # `wbs-dist tune` connects to it instead of starting Ray
+# The head enables Ray 2.60's token authentication by default, but clients only use it when told so:
+# say it to all of them. The token is ~/.ray/auth_token (or RAY_AUTH_TOKEN), which the nodes must share.
+export RAY_AUTH_MODE=token
+ray_tmp="/tmp/ray-$SLURM_JOB_ID"       # short: Ray's socket paths must fit in 107 bytes
+
+pids=()
+# Ray started with --block fate-shares with its `ray start` process: ending that process (here; the
+# srun of the workers carries the signal to their nodes) ends every Ray process it started. Only this
+# job's processes are touched; `ray stop --force` would also kill other jobs' Ray on a shared node.
+cleanup() {
+    trap - EXIT TERM INT USR2
+    if [[ -n "${driver:-}" ]] && kill -0 "$driver" 2>/dev/null; then
+        # Tune saves its experiment state and stops on SIGUSR1 (SIGINT is ignored by background jobs).
+        kill -USR1 "$driver" 2>/dev/null || true
+        for _ in $(seq 20); do kill -0 "$driver" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL "$driver" 2>/dev/null || true
+    fi
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$ray_tmp"     # node-local session files; the sweep's own results are in storage_path
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT USR2
+
+echo "[tune.sh] Ray head on ${nodes[0]} ($RAY_ADDRESS), ${#nodes[@]} node(s), $cpus CPUs each" >&2
+ray start --head --node-ip-address="$head_ip" --port="$port" --num-cpus="$cpus" \
+    --temp-dir="$ray_tmp" --include-dashboard=false --disable-usage-stats --block &
+pids+=($!)
+# `ray status` fails under Ray 2.60's token authentication: a driver connecting is the probe.
+ready=0
+deadline=$((SECONDS + 180))
+while ((SECONDS < deadline)); do
+    kill -0 "${pids[0]}" 2>/dev/null || { echo "[tune.sh] ray start --head exited" >&2; exit 1; }
+    if timeout 60 python -c "import ray; ray.init(logging_level='ERROR'); ray.shutdown()" > /dev/null 2>&1; then
+        ready=1
+        break
+    fi
+    sleep 1
+done
+((ready)) || { echo "[tune.sh] the Ray head at $RAY_ADDRESS did not answer within 180 s" >&2; exit 1; }
+if ((${#nodes[@]} > 1)); then
+    srun --nodes=$((${#nodes[@]} - 1)) --ntasks=$((${#nodes[@]} - 1)) --exclude="${nodes[0]}" \
+        ray start --address="$RAY_ADDRESS" --num-cpus="$cpus" --disable-usage-stats --block &
+    pids+=($!)
+fi
+
+wbs-dist tune "$@" &
+driver=$!
+wait "$driver"

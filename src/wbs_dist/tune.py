@@ -1,0 +1,384 @@
+"""`wbs-dist tune`: Ray Tune over learning rate x batch size around the study's Adam 1e-3 / batch 8.
+
+The objective is the mean validation AUC over all folds. A trial trains every fold, interleaved epoch
+by epoch (FoldTrainer's open / train_epoch / finish), and reports the running mean after each epoch,
+so ASHA stops a poor configuration on all folds at once. Everything a trial trains lives in its own
+directory, EXPERIMENT/<trial id>/run/fold<K>/ (FoldTrainer's checkpoints, metrics, predictions), so a
+paused or restored trial resumes exactly where it was; the Ray checkpoint reported with each epoch is
+only a small JSON (run directory, epochs reported) for Tune's bookkeeping.
+
+Rerunning the same command after an interruption restores the experiment (`Tuner.restore`): finished
+trials are kept, unfinished and errored ones continue from their checkpoints. The end: results.csv and
+results.md (every trial: lr, batch, epochs run, mean and per-fold AUC), printed too, and best.yaml, a
+complete training config for `wbs-dist train` / `cv`.
+
+The tune YAML (configs/tune.yaml) holds the search and names the training config as `base`; overrides
+address tune keys by name and the base config's keys as `train.<key>` (e.g. `train.epochs=3`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, _coerce, load_config
+from .errors import ConfigError, UsageError, WbsError
+
+log = logging.getLogger("wbs_dist.tune")
+
+METRIC = "mean_val_auc"
+TRAIN_PREFIX = "train."
+PROGRESS_FILE = "progress.json"
+# Keys that may change when an interrupted sweep is restored: where and how fast it runs, not what it
+# computes. Anything else differing from the stored sweep.yaml is refused.
+RESTORABLE = {"base", "cpus", "cpus_per_trial", "gpus_per_trial", "ray_temp_dir",
+              "train.num_workers", "train.dist_timeout_s", "train.checkpoint_every"}
+# A Ray worker started by `srun` (SLURM) or torchrun inherits its rank variables; a trial is one
+# process, never a rank of that step.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "SLURM_PROCID")
+
+
+@dataclass
+class TuneSpec:
+    base: str = "baseline.yaml"          # training config; in the YAML relative to it, on the command line to the cwd
+    # --- the search --------------------------------------------------------------------------------
+    lr_min: float = 1e-4                 # lr ~ log-uniform [lr_min, lr_max]
+    lr_max: float = 1e-2
+    batch_sizes: list[int] = field(default_factory=lambda: [4, 8, 16, 32])   # batch ~ uniform choice
+    scale_lr_with_batch: bool = False    # trial lr = sampled lr x batch / the base config's batch_size
+    num_samples: int = 16                # trials
+    seed: int = 0                        # the search's draws; training seeds come from train.seed
+    # --- ASHA ---------------------------------------------------------------------------------------
+    max_epochs: int = 0                  # epochs a trial may run (0 = the base config's epochs)
+    grace_period: int = 1                # epochs every trial runs before it can be stopped
+    reduction_factor: int = 3            # keep the top 1/reduction_factor at each rung
+    # --- resources ---------------------------------------------------------------------------------
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0          # fractions share a GPU between trials
+    cpus: int = 0                        # CPUs of a local Ray instance (0 = all); ignored with RAY_ADDRESS
+    ray_temp_dir: str = "/tmp/ray-wbs"   # local Ray's session files; short: socket paths must fit 107 bytes
+    # --- where --------------------------------------------------------------------------------------
+    storage_path: str = "runs/tune"      # experiments go to STORAGE_PATH/NAME/ (relative to the cwd)
+    name: str = "lr_batch"
+
+    _CHECKS = {
+        "lr_min": lambda s: None if s.lr_min > 0 else "must be > 0",
+        "lr_max": lambda s: None if s.lr_max >= s.lr_min else "must be >= lr_min",
+        "batch_sizes": lambda s: None if s.batch_sizes and all(b >= 1 for b in s.batch_sizes)
+        else "must be a non-empty list of integers >= 1",
+        "num_samples": lambda s: None if s.num_samples >= 1 else "must be >= 1",
+        "seed": lambda s: None if s.seed >= 0 else "must be >= 0",
+        "max_epochs": lambda s: None if s.max_epochs >= 1 else "must be >= 1",
+        "grace_period": lambda s: None if 1 <= s.grace_period <= s.max_epochs else "must be in [1, max_epochs]",
+        "reduction_factor": lambda s: None if s.reduction_factor >= 2 else "must be >= 2",
+        "cpus_per_trial": lambda s: None if s.cpus_per_trial > 0 else "must be > 0",
+        "gpus_per_trial": lambda s: None if s.gpus_per_trial >= 0 else "must be >= 0",
+        "cpus": lambda s: None if s.cpus >= 0 else "must be >= 0",
+        "name": lambda s: None if s.name and "/" not in s.name else "must be a non-empty name without '/'",
+    }
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+
+def _set(spec: TuneSpec, key: str, value: Any, where: str) -> None:
+    types = {f.name: f.type for f in fields(TuneSpec)}
+    if key not in types:
+        raise ConfigError(f"unknown tune key {key!r} ({where}); training config keys are given as "
+                          f"'{TRAIN_PREFIX}<key>' on the command line")
+    if key == "batch_sizes":
+        if not isinstance(value, list):
+            raise ConfigError(f"tune key 'batch_sizes': expected a list such as [4, 8, 16, 32], got {value!r}")
+        value = [_coerce("batch_sizes", v, int) for v in value]
+    else:
+        value = _coerce(key, value, {"float": float, "int": int, "bool": bool, "str": str}[types[key]])
+    setattr(spec, key, value)
+
+
+def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
+    """The tune YAML, then `key=value` / `train.key=value` overrides; the base config loaded and both checked.
+
+    Paths come back absolute (trials run in Ray workers with another working directory)."""
+    spec = TuneSpec()
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"tune config file not found: {path}")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"tune config file {path} is not valid YAML: {exc}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"tune config file {path}: expected a mapping of key: value")
+    for key, value in raw.items():
+        _set(spec, str(key), value, f"in {path}")
+    spec.base = str(Path(path).parent / spec.base)
+    train_overrides = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        if key.startswith(TRAIN_PREFIX):
+            train_overrides.append(item[len(TRAIN_PREFIX):])
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set(spec, key.strip(), parsed, "command-line override")
+    base = load_config(Path(spec.base), train_overrides)
+    base.store = str(Path(base.store).resolve())
+    spec.base = str(Path(spec.base).resolve())
+    spec.storage_path = str(Path(spec.storage_path).resolve())
+    spec.max_epochs = spec.max_epochs or base.epochs
+    for key, check in TuneSpec._CHECKS.items():
+        problem = check(spec)
+        if problem:
+            raise ConfigError(f"tune key {key!r}: {problem} (got {getattr(spec, key)!r})")
+    return spec, base
+
+
+# -- one trial ---------------------------------------------------------------------------------------
+def trial_lr(spec: TuneSpec, base: Config, params: dict) -> float:
+    scale = params["batch_size"] / base.batch_size if spec.scale_lr_with_batch else 1.0
+    return float(params["lr"]) * scale
+
+
+def trial_config(spec: TuneSpec, base: Config, params: dict, run_dir: Path) -> Config:
+    # Checkpoints at epoch ends only: each fold's epoch is then seeded afresh (_seed_fold_epoch), so
+    # interleaving folds and restoring in the middle of a round leave the arithmetic unchanged.
+    return dataclasses.replace(base, lr=trial_lr(spec, base, params), batch_size=int(params["batch_size"]),
+                               epochs=spec.max_epochs, run_dir=str(run_dir), checkpoint_every=0)
+
+
+def _seed_fold_epoch(seed: int, fold: int, epoch: int) -> None:
+    """The folds of a trial share the process's global RNGs (dropout); seed each fold's epoch from
+    (seed, fold, epoch) so that it does not depend on what ran before it in this process."""
+    import numpy as np
+    import torch
+
+    value = int(np.random.SeedSequence(entropy=seed, spawn_key=(fold, epoch)).generate_state(1)[0]) & 0x7FFFFFFF
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
+    import torch
+    from ray import tune
+
+    from .train import FoldTrainer
+
+    for var in RANK_VARIABLES:
+        os.environ.pop(var, None)
+    cfg = trial_config(spec, base, params, spec.experiment_dir / tune.get_context().get_trial_id() / "run")
+    reported = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            reported = json.loads((Path(d) / PROGRESS_FILE).read_text())["epochs"]
+    trainers = [FoldTrainer(cfg, k) for k in range(cfg.folds)]
+    try:
+        for t in trainers:
+            t.open(preemption=False)
+        # After open(), which sizes torch's threads for a SLURM task: a trial has only its own CPUs.
+        torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
+        for epoch in range(reported, cfg.epochs):
+            aucs = []
+            for t in trainers:
+                # A fold may already be past `epoch` (it trained before an interruption that came
+                # before the report): its row is in its history, nothing is trained twice.
+                while t.epoch <= epoch:
+                    _seed_fold_epoch(cfg.seed, t.fold, t.epoch)
+                    t.train_epoch()
+                aucs.append(t.history[epoch]["val_auc"])
+            if None in aucs:
+                raise UsageError(f"fold {aucs.index(None)}: validation lesions of one class only, AUC undefined; "
+                                 f"use fewer folds (train.folds) or more annotated patients")
+            metrics = {"epochs": epoch + 1, METRIC: sum(aucs) / len(aucs),
+                       **{f"fold{k}_val_auc": a for k, a in enumerate(aucs)}}
+            if epoch + 1 == cfg.epochs:
+                # Before the last report: Tune ends the trial there (ASHA's max_t) without returning.
+                for t in trainers:
+                    t.finish()
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / PROGRESS_FILE).write_text(json.dumps({"run_dir": cfg.run_dir, "epochs": epoch + 1}))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+    finally:
+        for t in trainers:
+            t.close()
+
+
+# -- the sweep ---------------------------------------------------------------------------------------
+def search_space(spec: TuneSpec) -> dict:
+    from ray import tune
+
+    return {"lr": tune.loguniform(spec.lr_min, spec.lr_max), "batch_size": tune.choice(spec.batch_sizes)}
+
+
+def _sweep_record(spec: TuneSpec, base: Config) -> dict:
+    return {**dataclasses.asdict(spec), **{TRAIN_PREFIX + k: v for k, v in base.to_dict().items()}}
+
+
+def _check_restorable(exp: Path, spec: TuneSpec, base: Config) -> None:
+    saved = yaml.safe_load((exp / "sweep.yaml").read_text())
+    now = _sweep_record(spec, base)
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESTORABLE and saved.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(f"{exp} holds a sweep with other settings ("
+                          + ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+                          + "); restore those values or choose another name/storage_path")
+
+
+def _ray_init(spec: TuneSpec) -> None:
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])      # a head started by slurm/tune.sh (or any cluster)
+    else:
+        ray.init(num_cpus=spec.cpus or None, include_dashboard=False, _temp_dir=spec.ray_temp_dir)
+
+
+def run_sweep(spec: TuneSpec, base: Config, param_space: dict | None = None, early_stopping: bool = True) -> list[dict]:
+    """Run (or restore and finish) the experiment; one row per trial. `param_space` replaces the
+    random search (bench/tune.py passes a grid); `early_stopping=False` runs every trial to the end."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from . import dist
+    from .store import Store
+    from .train import ensure_folds
+
+    exp = spec.experiment_dir
+    restore = tune.Tuner.can_restore(exp)
+    if restore:
+        _check_restorable(exp, spec, base)
+    # Before any trial: trials would otherwise race to write a missing split. (The driver is one
+    # process, whatever the SLURM job around it says: an empty environment.)
+    ensure_folds(Store.open(base.store), base, dist.detect({}))
+    # Frequent experiment-state snapshots are intended here (see num_to_keep below): no warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec, base=base),
+                                    {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
+    _ray_init(spec)
+    try:
+        if restore:
+            log.info("restoring the sweep in %s: finished trials are kept, the others continue", exp)
+            tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True)
+        else:
+            exp.mkdir(parents=True, exist_ok=True)
+            (exp / "sweep.yaml").write_text(yaml.safe_dump(_sweep_record(spec, base), sort_keys=False))
+            scheduler = ASHAScheduler(time_attr="epochs", max_t=spec.max_epochs, grace_period=spec.grace_period,
+                                      reduction_factor=spec.reduction_factor) if early_stopping else None
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space or search_space(spec),
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode="max", scheduler=scheduler, num_samples=spec.num_samples,
+                    search_alg=BasicVariantGenerator(random_state=spec.seed),
+                    # The trial directory is named by the trial id, which the trial knows: its run
+                    # directory is found again after a restore.
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                    # A fresh process per trial: a stopped trial's loaders and threads go with it.
+                    reuse_actors=False),
+                # num_to_keep=1 also makes Tune save its experiment state with every trial checkpoint
+                # (every epoch), not only every 10 s: a kill loses no reported epoch.
+                run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                          verbose=1))
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    if grid.num_terminated + grid.num_errors < len(grid):     # SIGINT/SIGUSR1: Tune saved its state and stopped
+        raise WbsError(f"the sweep was interrupted with trials still running; rerun the same command to resume it "
+                       f"from {exp}")
+    return _rows(grid, spec, base)
+
+
+def _rows(grid, spec: TuneSpec, base: Config) -> list[dict]:
+    rows = []
+    for res in grid:
+        metrics = res.metrics or {}
+        epochs = int(metrics.get("epochs", 0))
+        status = "error" if res.error else "completed" if epochs >= spec.max_epochs else "stopped"
+        row = {"trial": Path(res.path).name, "status": status, "lr": trial_lr(spec, base, res.config),
+               "batch_size": int(res.config["batch_size"]), "epochs": epochs, METRIC: metrics.get(METRIC)}
+        row.update({f"fold{k}_val_auc": metrics.get(f"fold{k}_val_auc") for k in range(base.folds)})
+        if res.error:
+            row["error"] = str(res.error).strip().splitlines()[-1]
+        rows.append(row)
+    rows.sort(key=lambda r: (r["status"] != "completed", -r["epochs"],
+                             -(r[METRIC] if r[METRIC] is not None else -math.inf)))
+    return rows
+
+
+# -- the results -------------------------------------------------------------------------------------
+def _columns(folds: int) -> list[str]:
+    return ["trial", "status", "lr", "batch_size", "epochs", METRIC] + [f"fold{k}_val_auc" for k in range(folds)]
+
+
+def _cell(col: str, value) -> str:
+    if value is None:
+        return "-"
+    if col == "lr":
+        return f"{value:.2e}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def results_markdown(rows: list[dict], folds: int) -> str:
+    cols = _columns(folds)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("trial", "status") else "---:" for c in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(c, r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict], spec: TuneSpec, base: Config) -> dict | None:
+    """results.csv, results.md and best.yaml (from the completed trial with the highest mean AUC at
+    its final epoch) in the experiment directory; the best row, or None when no trial completed."""
+    exp = spec.experiment_dir
+    with open(exp / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, _columns(base.folds), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (exp / "results.md").write_text(results_markdown(rows, base.folds))
+    completed = [r for r in rows if r["status"] == "completed"]
+    if not completed:
+        return None
+    best = max(completed, key=lambda r: r[METRIC])
+    # The full protocol (the base config's epochs) with the sweep's lr and batch; its own run
+    # directory, so that it never meets another run's checkpoints.
+    cfg = dataclasses.replace(base, lr=best["lr"], batch_size=best["batch_size"], run_dir=str(exp / "best"))
+    header = (f"# Best of the sweep {exp}: trial {best['trial']}, mean validation AUC {best[METRIC]:.4f} over "
+              f"{base.folds} folds after {best['epochs']} epochs.\n# lr and batch_size from the sweep, run_dir its own; "
+              f"everything else (epochs included) from {spec.base} and the train.* overrides.\n")
+    (exp / "best.yaml").write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return best
+
+
+def run_tune(config_path: Path, overrides: list[str]) -> int:
+    spec, base = load_tune(config_path, overrides)
+    rows = run_sweep(spec, base)
+    best = write_results(rows, spec, base)
+    exp = spec.experiment_dir
+    print(results_markdown(rows, base.folds))
+    print(f"results: {exp / 'results.csv'}, {exp / 'results.md'}")
+    errored = [r for r in rows if r["status"] == "error"]
+    for r in errored:
+        log.error("trial %s failed: %s (log: %s)", r["trial"], r["error"], exp / r["trial"] / "error.txt")
+    if best is None:
+        raise WbsError(f"no trial ran its {spec.max_epochs} epochs: no best config")
+    print(f"best: {exp / 'best.yaml'} (lr {best['lr']:.3g}, batch {best['batch_size']}, "
+          f"mean val AUC {best[METRIC]:.4f}); train it with `wbs-dist cv {exp / 'best.yaml'}`")
+    return 3 if errored else 0
