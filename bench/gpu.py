@@ -19,8 +19,17 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def build(channels_last: bool, compile_: bool):
-    model = torchvision.models.resnet50(weights=None, num_classes=1)
+ARCHS = {"resnet50": torchvision.models.resnet50, "inception_v3": torchvision.models.inception_v3,
+         "vgg16": torchvision.models.vgg16, "densenet169": torchvision.models.densenet169}
+
+
+def _net(arch: str):
+    kwargs = {"aux_logits": False, "init_weights": False} if arch == "inception_v3" else {}
+    return ARCHS[arch](weights=None, num_classes=1, **kwargs)
+
+
+def build(channels_last: bool, compile_: bool, arch: str = "resnet50"):
+    model = _net(arch)
     # Same adaptation as wbs_dist.models: 3 input channels are the study's stacked image + masks.
     model = model.cuda()
     if channels_last:
@@ -45,17 +54,17 @@ def make_step(step_model, opt, bf16: bool):
     return step
 
 
-def flops_per_sample(h: int, w: int) -> float:
-    model = torchvision.models.resnet50(weights=None, num_classes=1).cuda()
+def flops_per_sample(h: int, w: int, arch: str = "resnet50") -> float:
+    model = _net(arch).cuda()
     x = torch.randn(2, 3, h, w, device="cuda")
     with FlopCounterMode(display=False) as fc:
         model(x).sum().backward()
     return fc.get_total_flops() / 2
 
 
-def bench(variant: str, batch: int, h: int, w: int, seconds: float) -> dict:
+def bench(variant: str, batch: int, h: int, w: int, seconds: float, arch: str = "resnet50") -> dict:
     bf16 = variant != "fp32"
-    model, step_model, opt = build(channels_last=bf16, compile_=variant == "bf16+cl+compile")
+    model, step_model, opt = build(channels_last=bf16, compile_=variant == "bf16+cl+compile", arch=arch)
     x = torch.randn(batch, 3, h, w, device="cuda")
     if bf16:
         x = x.to(memory_format=torch.channels_last)
@@ -75,7 +84,7 @@ def bench(variant: str, batch: int, h: int, w: int, seconds: float) -> dict:
             if time.perf_counter() - t0 > seconds:
                 break
     dt = time.perf_counter() - t0
-    return {"variant": variant, "batch": batch, "steps": n, "samples_per_s": n * batch / dt,
+    return {"arch": arch, "variant": variant, "batch": batch, "steps": n, "samples_per_s": n * batch / dt,
             "step_ms": 1000 * dt / n, "warmup_s": warm,
             "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -89,6 +98,8 @@ def main():
     ap.add_argument("--variants", default="fp32,bf16+cl,bf16+cl+compile")
     ap.add_argument("--compile-batches", default="8,64", help="compile is slow to warm up: fewer batches")
     ap.add_argument("--json", default="gpu_bench.json")
+    ap.add_argument("--archs", default="", help="also compare these architectures (fp32 and bf16+cl at "
+                    "batch 8 and the largest of --batches), e.g. inception_v3,vgg16,densenet169")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False   # fp32 means fp32; TF32 shown separately would be a 4th variant
@@ -109,8 +120,20 @@ def main():
             print(f"{variant:>18} {b:5d} {r['samples_per_s']:10.1f} {r['step_ms']:8.2f} {r['tflops']:8.1f} "
                   f"{r['max_mem_gib']:8.2f} {r['warmup_s']:7.1f}", flush=True)
             torch.cuda.empty_cache()
-    base = next(r for r in rows if r["variant"] == "fp32" and r["batch"] == 8)
-    best = max(rows, key=lambda r: r["samples_per_s"])
+    for arch in [a for a in args.archs.split(",") if a]:
+        afps = flops_per_sample(args.height, args.width, arch)
+        for variant in ("fp32", "bf16+cl"):
+            for b in (8, max(int(v) for v in args.batches.split(","))):
+                torch.cuda.reset_peak_memory_stats()
+                r = bench(variant, b, args.height, args.width, args.seconds, arch)
+                r["tflops"] = r["samples_per_s"] * afps / 1e12
+                rows.append(r)
+                print(f"{arch + ' ' + variant:>18} {b:5d} {r['samples_per_s']:10.1f} {r['step_ms']:8.2f} "
+                      f"{r['tflops']:8.1f} {r['max_mem_gib']:8.2f} {r['warmup_s']:7.1f}", flush=True)
+                torch.cuda.empty_cache()
+    rows_r50 = [r for r in rows if r["arch"] == "resnet50"]
+    base = next(r for r in rows_r50 if r["variant"] == "fp32" and r["batch"] == 8)
+    best = max(rows_r50, key=lambda r: r["samples_per_s"])
     print(f"# best: {best['variant']} batch {best['batch']}: {best['samples_per_s']:.0f} samples/s, "
           f"{best['samples_per_s'] / base['samples_per_s']:.1f}x fp32 batch 8")
     with open(args.json, "w") as fh:
