@@ -190,8 +190,9 @@ def prev_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write `state` atomically to `path`, keeping the file it replaces as `<path>.prev`."""
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep_previous: bool = True) -> None:
+    """Write `state` atomically to `path`, keeping the file it replaces as `<path>.prev` (the fallback
+    for a corrupt newest file; `keep_previous=False` for files nothing resumes from)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # One writer per path (rank 0), so any temp file already there is a crashed write's leftover.
@@ -204,7 +205,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
+        if path.exists() and keep_previous:
             os.replace(path, prev_path(path))
         os.replace(tmp, path)
     except BaseException:

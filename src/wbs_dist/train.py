@@ -7,7 +7,7 @@ reads torchrun's or SLURM's environment, so `wbs-dist train`, `torchrun ... -m w
 Run directory RUN_DIR/fold<K>/:
     config.yaml        the resolved config          train.log        the log (rank 0)
     metrics.csv        one row per epoch            events.*         TensorBoard scalars
-    last.pt (+.prev)   newest checkpoint            best.pt          highest validation AUC so far
+    last.pt (+.prev)   newest checkpoint            best.pt          weights of the best validation AUC
     predictions.csv    validation predictions of the final epoch (DESIGN 3.3)
     done.json          written last: the fold is finished (a rerun does nothing)
 
@@ -280,6 +280,16 @@ class FoldTrainer:
         return {"index": idx, "scores": scores, "val_loss": float(losses.mean()), "val_auc": auc, "val_accuracy": acc}
 
     # -- files --------------------------------------------------------------------------------------
+    def _save_best(self) -> None:
+        """The weights of the best validation epoch, for inspection: no optimiser, no fallback copy
+        (nothing resumes from it), a third of last.pt's size."""
+        if self.env.is_main:
+            from .checkpoint import unwrap_model
+
+            save_checkpoint(self.dir / "best.pt", {"model": unwrap_model(self.model).state_dict(), "epoch": self.epoch,
+                                                   "val_auc": self.best_auc, "config": self.cfg.to_dict()},
+                            keep_previous=False)
+
     def _save(self, name: str) -> None:
         """Called on every rank at the same step (it gathers each rank's RNG state); rank 0 writes."""
         ranks = _gather_objects(capture_rng_state()) if self.env.world_size > 1 else None
@@ -378,7 +388,7 @@ class FoldTrainer:
             self._write_metrics()
         if val["val_auc"] is not None and val["val_auc"] > self.best_auc:
             self.best_auc = val["val_auc"]
-            self._save("best.pt")
+            self._save_best()
         self._save("last.pt")
         if main:
             log.info("fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s, %.1f samples/s",
