@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import fsync_dir, write_csv
 from . import annotations as ann
 from . import candidates
 from .archive import Archive
@@ -302,19 +303,6 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_durable(path: Path, text: str) -> None:
     """Write to a temp name, fsync, rename into place, fsync the folder: whole or absent."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -323,7 +311,7 @@ def _write_durable(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Parts:
@@ -374,15 +362,6 @@ class Parts:
 
 
 # -- the run --------------------------------------------------------------------------------------------------
-def _write_csv(path: Path, header, rows) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
 def _record(res: StudyResult, scores: np.ndarray) -> dict:
     return {"study_uid": res.uid, "patient_id": res.patient_id, "source": res.source,
             "tumor_type": res.tumor_type, "views": res.views,
@@ -402,8 +381,8 @@ def merge(records: list[dict], out: Path) -> tuple[int, int]:
         top = max(lesions, key=lambda les: (les[3], -les[0]), default=None)
         summary.append([rec["study_uid"], rec["patient_id"], rec["source"], "|".join(rec["views"]), len(lesions),
                         "" if top is None else f"{top[3]:.6f}", "" if top is None else top[0]])
-    _write_csv(out, _prediction_columns(), rows)
-    _write_csv(summary_path(out), SUMMARY_COLUMNS, summary)
+    write_csv(out, _prediction_columns(), rows)
+    write_csv(summary_path(out), SUMMARY_COLUMNS, summary)
     return len(records), len(rows)
 
 
@@ -516,7 +495,7 @@ def run_score(archive: Path, run: Path, out: Path, fold: int | None = None, shar
     seconds = time.perf_counter() - t0
     skipped = len([s for s in studies if mine(s) and s in done])
     err_path = errors_path(out, shard)
-    _write_csv(err_path, ["path", "reason"], errors)
+    write_csv(err_path, ["path", "reason"], errors)
     if shard is not None:
         print(f"shard {shard[0]}/{shard[1]}: {scored} studies scored ({skipped} already done), {lesions} lesions, "
               f"{seconds:.1f} s; run without --shard to write {out}")

@@ -22,7 +22,6 @@ saves, and the process exits with PREEMPTED_EXIT_CODE (75) so the launcher reque
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from . import dist
 from .checkpoint import (PREEMPTED_EXIT_CODE, PreemptionFlag, apply_state, capture_rng_state, load_checkpoint,
                          make_state, restore_rng_state, save_checkpoint)
+from .atomic import write_csv
 from .config import Config, dump_config
 from .dataset import LesionIndex, lesion_index
 from .errors import ConfigError, UsageError
@@ -95,15 +95,6 @@ def _lr_factor(cfg: Config, epoch_progress: float) -> float:
         span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch_progress - cfg.warmup_epochs) / span)))
     return 1.0
-
-
-def _write_csv_atomic(path: Path, header, rows) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _gather_objects(obj) -> list:
@@ -309,12 +300,12 @@ class FoldTrainer:
                          VIEWS[ix.view[i]], self.fold, int(ix.label[i]), f"{float(score):.6f}",
                          TUMOR_TYPES[ix.tumor_type[i]], int(ix.burden[i])])
         path = self.dir / "predictions.csv"
-        _write_csv_atomic(path, PREDICTION_COLUMNS, rows)
+        write_csv(path, PREDICTION_COLUMNS, rows)
         return path
 
     def _write_metrics(self) -> None:
         cols = ["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds", "samples_per_s"]
-        _write_csv_atomic(self.dir / "metrics.csv", cols, [[h.get(c) for c in cols] for h in self.history])
+        write_csv(self.dir / "metrics.csv", cols, [[h.get(c) for c in cols] for h in self.history])
 
     # -- the loop -----------------------------------------------------------------------------------
     # -- the loop, in pieces a scheduler can interleave (tune trains five folds epoch by epoch) --------
