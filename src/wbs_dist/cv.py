@@ -9,9 +9,9 @@ Rerunning skips finished folds, so a driver that died can simply be started agai
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
+from .atomic import write_csv
 from .config import Config, load_config
 from .errors import WbsError
 from .folds import write_folds
@@ -31,12 +31,7 @@ def collect_predictions(cfg: Config) -> Path:
             if tuple(next(reader)) != PREDICTION_COLUMNS:
                 raise WbsError(f"{path}: unexpected columns")
             rows.extend(reader)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(PREDICTION_COLUMNS)
-        w.writerows(rows)
-    os.replace(tmp, out)
+    write_csv(out, PREDICTION_COLUMNS, rows)
     return out
 
 

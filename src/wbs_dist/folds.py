@@ -11,8 +11,6 @@ stratified_on, counts per fold.
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 
 import numpy as np
@@ -60,19 +58,12 @@ def write_folds(store: Store, k: int, seed: int, force: bool = False) -> dict:
         raise StoreError(f"store {store.path} has no annotated lesions to split")
     patients, fold, on = assign_folds(table["patient"], table["label"], table["tumor_type"], k, seed)
     counts = fold_summary(table, patients, fold, k)
-    tmp = store.staging() / f"folds.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    g = store.staged_group("folds")
     g.attrs.update({"k": k, "seed": seed, "stratified_on": on, "method": "sklearn StratifiedGroupKFold, groups = patients",
                     "counts": counts})
     g.create_array("patient", data=patients.astype(np.uint64), chunks=(max(len(patients), 1),))
     g.create_array("fold", data=fold, chunks=(max(len(fold), 1),))
-    final = store.path / "folds"
-    old = store.staging() / f"folds.old.{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    store.swap_in("folds")
     return {"k": k, "seed": seed, "stratified_on": on, "counts": counts}
 
 

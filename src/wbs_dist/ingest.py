@@ -9,10 +9,8 @@ exits 3; the rest is ingested.
 
 from __future__ import annotations
 
-import csv
 import logging
 import multiprocessing
-import os
 import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +22,7 @@ from tqdm import tqdm
 
 from . import annotations as ann
 from .archive import Archive
+from .atomic import write_csv
 from .deid import keyed_hash, load_or_create_secret
 from .dicom import Header, Rejected, decode, read_header
 from .errors import EXIT_OK, EXIT_SKIPPED, UsageError
@@ -318,12 +317,7 @@ def run_ingest(archive: Path, store: Path, annotations: Path | None = None, secr
 
 def _write_errors(path: Path, errors: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "reason"])
-        w.writerows(errors)
-    os.replace(tmp, path)
+    write_csv(path, ["path", "reason"], errors)
 
 
 def _summarise(errors: list[tuple[str, str]], path: Path) -> None:

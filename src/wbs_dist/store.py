@@ -271,6 +271,23 @@ class Store:
             raise
         return True
 
+    # -- store-wide groups, replaced whole ------------------------------------------------------------
+    def staged_group(self, name: str) -> zarr.Group:
+        """An empty group under .staging/ to build `name` in; `swap_in(name)` publishes it."""
+        tmp = self.staging() / f"{name}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        return zarr.open_group(str(tmp), mode="w", zarr_format=3)
+
+    def swap_in(self, name: str) -> None:
+        """Replace store/<name> by its staged copy with two renames: a reader sees the old or the new
+        group, never a mix (a crash between them leaves none, and the rerun rebuilds it)."""
+        final = self.path / name
+        old = self.staging() / f"{name}.old.{os.getpid()}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(self.staging() / f"{name}.{os.getpid()}", final)
+        shutil.rmtree(old, ignore_errors=True)
+
     # -- lesion table ----------------------------------------------------------------------------------
     def rebuild_lesion_table(self) -> dict:
         cols: dict[str, list] = {name: [] for name in LESION_COLUMNS}
@@ -292,21 +309,14 @@ class Store:
                 cols["burden_group"].append(BURDEN_GROUPS.index(burden_group(len(lesions))))
                 cols["area"].append(les["area"])
                 cols["area_train"].append(les["area_train"])
-        tmp = self.staging() / f"lesions.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        g = self.staged_group("lesions")
         g.attrs.update({"views": list(VIEWS), "tumor_types": list(TUMOR_TYPES), "burden_groups": list(BURDEN_GROUPS),
                         "labels": {"0": "benign", "1": "malignant"},
                         "columns": {k: v[1] for k, v in LESION_COLUMNS.items()}, "rows": len(cols["study"])})
         for name, (dtype, _) in LESION_COLUMNS.items():
             arr = np.asarray(cols[name], dtype=dtype)
             g.create_array(name, data=arr, chunks=(max(len(arr), 1),), compressors=[_CODEC])
-        final = self.path / "lesions"
-        old = self.staging() / f"lesions.old.{os.getpid()}"
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        self.swap_in("lesions")
         counts = {"studies": n_studies, "annotated_studies": n_annotated, "lesions": len(cols["study"]),
                   "malignant_lesions": int(sum(cols["label"]))}
         self.root.attrs["counts"] = counts
