@@ -5,7 +5,10 @@ One run, one store, the study's input (3 x 512 x 256), batch 8, this machine's c
               PNG masks with Pillow and resizes with torch (what a first script does)
   dataset     a torch DataLoader over wbs_dist's LesionDataset (reads the Zarr store per sample)
   dali w=N    wbs_dist's LesionLoader (DALI pipeline over the study cache), training mode (shuffle+flip),
-              external source in-process (w=0) or in N worker processes
+              external source in-process (w=0) or in N worker processes; the CPU graph (one fused
+              operator, lesion_op.py)
+  portable    the same loader with the GPU graph's stock operators run on CPU cores (what a CPU user
+              of the portable graph would get)
 Targets (issue 3): dali >= 10x naive, and >= 2,000 samples/s (about what one H100 consumes here).
 
     .venv/bin/python bench/loader.py [--patients 100] [--workers 2]
@@ -122,14 +125,14 @@ def main():
     time_loader(dsl, args.batch * 2)
     results["dataset"] = time_loader(dsl, 400)
     builds = {}
-    for workers in sorted({0, args.workers}):
+    for name, fused, workers in [(f"dali w={w}", True, w) for w in sorted({0, args.workers})] + [("portable", False, 0)]:
         t0 = time.perf_counter()
-        with LesionLoader(index, global_batch=args.batch, train=True, workers=workers) as loader:
-            builds[workers] = time.perf_counter() - t0
+        with LesionLoader(index, global_batch=args.batch, train=True, workers=workers, fused=fused) as loader:
+            builds[name] = time.perf_counter() - t0
             # Whole epochs (a loader left mid-epoch would resume there); the first warms the workers up.
             time_loader(loader.epoch(), 10**9)
             rates = [time_loader(loader.epoch(), 10**9) for _ in range(3)]
-        results[f"dali w={workers}"] = (float(np.median([r for r, _ in rates])), sum(n for _, n in rates))
+        results[name] = (float(np.median([r for r, _ in rates])), sum(n for _, n in rates))
     build = max(builds.values())
 
     machine = f"{cpu_name()}, {os.cpu_count()} cores"

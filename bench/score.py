@@ -93,13 +93,13 @@ def end_to_end(args, archive: Path, run: Path, out: Path) -> dict:
     shutil.rmtree(out.parent, ignore_errors=True)
     cmd = [sys.executable, "-m", "wbs_dist.cli", "score", str(archive), "--run", str(run), "--out", str(out),
            "--workers", str(args.workers), "--batch", str(args.batch)]
-    peak = [0]
+    samples: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def sample():
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            samples.append((time.perf_counter() - t0, tree_rss(proc.pid)))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -110,7 +110,10 @@ def end_to_end(args, archive: Path, run: Path, out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"wbs-dist score exited {proc.returncode}:\n{stdout}")
     print(stdout.strip())
-    return {"seconds": seconds, "tree_peak_rss_mb": peak[0] / 2**20,
+    # Bounded memory shows as a flat curve: the peak of each quarter of the run.
+    quarters = [max((r for t, r in samples if q * seconds / 4 <= t < (q + 1) * seconds / 4), default=0) / 2**20
+                for q in range(4)]
+    return {"seconds": seconds, "tree_peak_rss_mb": max(quarters), "tree_peak_rss_mb_by_quarter": quarters,
             "largest_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
@@ -172,6 +175,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="decoding processes (default 1: 2 cores, torch uses both)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("bench/out/score"))
+    ap.add_argument("--end-to-end-only", action="store_true",
+                    help="archive-scale memory check: time and peak RSS of the command alone (the forward-only "
+                         "comparison holds every lesion's input in memory)")
     args = ap.parse_args()
     height, width = (int(v) for v in args.size.lower().split("x"))
 
@@ -185,6 +191,8 @@ def main() -> None:
     make_run(run, args.model, height, width, args.folds)
 
     e2e = end_to_end(args, archive, run, args.out / "e2e" / "pred.csv")
+    if args.end_to_end_only:
+        return report_end_to_end(args, e2e, height, width)
     dec, results = decode_only(args, archive, height, width)
     fwd, fwd_scores = forward_only(args, run, results)
 
@@ -219,6 +227,30 @@ def main() -> None:
               "results": rows, "ratio_end_to_end_over_forward": ratio, "max_score_difference": max_diff,
               "peak_rss_mb": {"tree": e2e["tree_peak_rss_mb"], "largest_process": e2e["largest_process_peak_rss_mb"]}}
     path = args.out / f"score-{args.model}-{height}x{width}-{args.folds}folds-{n}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"# wrote {path}")
+
+
+def report_end_to_end(args, e2e: dict, height: int, width: int) -> None:
+    pred = args.out / "e2e" / "pred.csv"
+    summary = pred.with_name("pred.summary.csv")
+    with pred.open() as fh:
+        lesions = sum(1 for _ in fh) - 1
+    with summary.open() as fh:
+        studies = sum(1 for _ in fh) - 1
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"\n# bench/score --end-to-end-only on {machine}")
+    print(f"# {studies} studies, {lesions} lesions, {args.model} {height}x{width}, {args.folds} fold models, "
+          f"batch {args.batch}, {args.workers} decoding process(es)")
+    print(f"end to end: {e2e['seconds']:.0f} s, {studies / e2e['seconds']:.2f} studies/s")
+    print(f"peak RSS of the scorer's process tree: {e2e['tree_peak_rss_mb']:.0f} MB; by quarter of the run: "
+          + ", ".join(f"{q:.0f}" for q in e2e["tree_peak_rss_mb_by_quarter"]) + " MB")
+    report = {"machine": machine, "studies": studies, "lesions": lesions, "model": args.model,
+              "input_size": [height, width], "folds": args.folds, "batch": args.batch, "workers": args.workers,
+              "seconds": e2e["seconds"], "studies_per_s": studies / e2e["seconds"],
+              "peak_rss_mb": {"tree": e2e["tree_peak_rss_mb"], "tree_by_quarter": e2e["tree_peak_rss_mb_by_quarter"],
+                              "largest_process": e2e["largest_process_peak_rss_mb"]}}
+    path = args.out / f"score-e2e-{args.model}-{height}x{width}-{args.folds}folds-{studies}.json"
     path.write_text(json.dumps(report, indent=1))
     print(f"# wrote {path}")
 

@@ -136,3 +136,30 @@ def test_failing_folds_are_retried_and_reported(slurm_cluster, cv_store, tmp_pat
     assert "failed after all retries" in res.stderr and "module: command not found" in res.stderr
     assert res.stdout.count("resubmitted") == 5                  # each fold tried twice
     assert res.stderr.count("(attempt 2,") == 5
+
+
+def test_sbatch_train_folds_sh_then_cv_local_reports(slurm_cluster, cv_store, tmp_path):
+    """The driverless path: the array script trains the folds (2 DDP ranks each under srun), then a
+    local `cv` finds them finished and only writes the report. The command line overrides the
+    script's GPU-node resources for this CPU cluster."""
+    cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs")
+    jobid = subprocess.run(
+        ["sbatch", "--parsable", "--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=2G",
+         "--time=30", "-o", str(tmp_path / "fold-%a.out"), str(ROOT / "slurm" / "train_folds.sh"), str(cfg)],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+
+    def states():
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", jobid, "-o", "JobID,State"], capture_output=True,
+                             text=True).stdout.split()
+        return dict(line.split("|") for line in out if "[" not in line)
+
+    _wait(lambda: len(states()) == 5 and all(s in TERMINAL for s in states().values()), "the fold array", 900)
+    logs = {k: (tmp_path / f"fold-{k}.out").read_text() for k in range(5)}
+    assert set(states().values()) == {"COMPLETED"}, {k: v[-1500:] for k, v in logs.items()}
+    for k in range(5):
+        assert "cpu x 2 rank(s)" in (tmp_path / "runs" / f"fold{k}" / "train.log").read_text()
+    res = run_cli("cv", cfg, "--launcher", "local")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("already finished") == 5
+    metrics = json.loads((tmp_path / "runs" / "report" / "metrics.json").read_text())
+    assert sorted(metrics["lesion"]["folds"]) == ["0", "1", "2", "3", "4"]

@@ -31,28 +31,41 @@ def collect(loader):
     return [(b.x.clone(), b.y.clone(), b.valid.clone(), b.index.clone()) for b in loader.epoch()]
 
 
-def test_dali_equals_dataset_bit_for_bit_without_augmentation(index):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-op", "portable-gpu-graph"])
+def test_dali_equals_dataset_bit_for_bit_without_augmentation(index, fused):
+    # Both graphs: the fused operator used on CPUs, and the stock operators the GPU runs (here on
+    # CPU cores). Parallel external source (2 worker processes), as in training.
     ds = LesionDataset(index)
     seen = set()
-    # Parallel external source (2 worker processes), as in training. Batches are zero-copy views of
-    # DALI's outputs: hold a whole epoch before comparing, so a reused buffer would show.
-    with LesionLoader(index, global_batch=8, train=False, workers=2) as loader:
-        held = list(loader.epoch())
-        for b in held:
-            for j in range(len(b.index)):
-                if b.valid[j]:
-                    i = int(b.index[j])
+    with LesionLoader(index, global_batch=8, train=False, workers=2, fused=fused) as loader:
+        for x, y, valid, idx in collect(loader):
+            for j in range(len(idx)):
+                if valid[j]:
+                    i = int(idx[j])
                     ref = ds[i]
-                    assert torch.equal(b.x[j], ref["x"]), f"sample {i} differs"
-                    assert b.y[j] == ref["y"]
+                    assert torch.equal(x[j], ref["x"]), f"sample {i} differs"
+                    assert y[j] == ref["y"]
                     seen.add(i)
     assert seen == set(range(len(index)))
-    assert b.x.shape[1:] == (3, H, W)
+    assert x.shape[1:] == (3, H, W)
 
 
-def test_training_flip_mirrors_each_view_in_place(index, cache):
+def test_labels_mask_and_indices_outlive_the_next_batch(index, cache):
+    # x is a view of DALI's recycled buffer (valid until the next batch); the small fields are copies.
+    with LesionLoader(index, global_batch=8, train=False, workers=0, cache=cache) as loader:
+        held = list(loader.epoch())
+    fresh = None
+    with LesionLoader(index, global_batch=8, train=False, workers=0, cache=cache) as loader:
+        fresh = collect(loader)
+    for b, (_, y, valid, idx) in zip(held, fresh):
+        assert torch.equal(b.y, y) and torch.equal(b.valid, valid) and torch.equal(b.index, idx)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-op", "portable-gpu-graph"])
+def test_training_flip_mirrors_each_view_in_place(index, cache, fused):
     ds = LesionDataset(index)
-    with LesionLoader(index, global_batch=8, train=True, flip_p=0.5, seed=4, workers=0, cache=cache) as loader:
+    with LesionLoader(index, global_batch=8, train=True, flip_p=0.5, seed=4, workers=0, cache=cache,
+                      fused=fused) as loader:
         batches = collect(loader)
     _, _, flips = epoch_plan(len(index), 8, 1, 0, seed=4, epoch=0, shuffle=True, flip_p=0.5)
     n_flipped = 0
@@ -64,6 +77,20 @@ def test_training_flip_mirrors_each_view_in_place(index, cache):
                 n_flipped += 1
             assert np.array_equal(x[j].numpy(), ref)
     assert 0 < n_flipped < sum(len(b[3]) for b in batches)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-op", "portable-gpu-graph"])
+def test_without_other_lesions_channel_two_channels_equal_dataset(loader_store, fused):
+    index2 = lesion_index(Store.open(loader_store), [1], H, W, other_lesions_channel=False)
+    ds = LesionDataset(index2)
+    with LesionLoader(index2, global_batch=4, train=True, flip_p=0.5, seed=1, workers=0, fused=fused) as loader:
+        batches = collect(loader)
+    _, _, flips = epoch_plan(len(index2), 4, 1, 0, seed=1, epoch=0, shuffle=True, flip_p=0.5)
+    for step, (x, _, valid, idx) in enumerate(batches):
+        assert x.shape[1:] == (2, H, W)
+        for j in range(len(idx)):
+            ref = ds[int(idx[j])]["x"].numpy()
+            assert np.array_equal(x[j].numpy(), mirror_views(ref) if flips[step, j] else ref)
 
 
 @pytest.mark.parametrize("n, g, world", [(10, 8, 1), (10, 8, 2), (11, 6, 3), (7, 8, 4), (64, 8, 2), (1, 4, 4)])

@@ -185,13 +185,15 @@ def test_unlabelled_rows_other_tumour_and_no_folds(tmp_path):
     rows.append(["P7", "S7", "1", "anterior", "", "", "0.9", "lung", "1"])
     rows.append(["P8", "S8", "1", "anterior", "", "1", "0.9", "other", "1"])
     rows.append(["P9", "S9", "1", "posterior", "", "0", "0.2", "", "1"])
+    # The scorer's row for a candidate on a view the DICOM does not name (score.py).
+    rows.append(["P10", "S10", "1", "unknown", "", "", "0.4", "", "1"])
     rc, out = report(tmp_path, write_csv(tmp_path / "p.csv", rows))
     assert rc == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["lesion"]["folds"] == {} and doc["thresholds"] == {}
     assert all(v is None for v in doc["lesion"]["mean"].values())
     assert doc["lesion"]["pooled"]["n"] == 12
-    assert "1 rows with an empty label (unknown) left out of every metric" in doc["notes"]
+    assert "2 rows with an empty label (unknown) left out of every metric" in doc["notes"]
     assert counts(doc["subgroups"]["tumor_type"]["other"]) == (1, 1, 0, 0, 0)
     # 'other' stays out of the contract's chi-square: same value as without it.
     assert doc["subgroups"]["tumor_type"]["chi2"]["sensitivity"]["chi2"] == pytest.approx(5.0)

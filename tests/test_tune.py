@@ -135,6 +135,10 @@ def test_local_sweep_finishes_and_asha_stops_a_trial_early(sweep):
         assert abs(sum(aucs) / 3 - float(r["mean_val_auc"])) < 1e-6
         # The reported AUCs are the folds' own, from every fold's training at that epoch.
         assert [a[-1] for a in fold_aucs(exp, r["trial"])] == [r[f"fold{k}_val_auc"] for k in range(3)]
+        # A trial's folds share one process; each fold's log holds its own lines only.
+        for k in range(3):
+            text = (exp / r["trial"] / "run" / f"fold{k}" / "train.log").read_text()
+            assert set(re.findall(r"\bfold (\d+)", text)) == {str(k)}, text
     assert (exp / "results.md").read_text().startswith("| trial | status | lr")
     assert "| trial | status | lr" in out and "best: " in out
 

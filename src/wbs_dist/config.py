@@ -134,32 +134,42 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
     setattr(cfg, key, _coerce(key, value, types[key]))
 
 
+def read_mapping(path: Path, what: str = "config file") -> dict:
+    """A YAML file of `key: value`, or a ConfigError naming the file."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of key: value")
+    return raw
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` from the command line. The value is read as a YAML scalar, so `lr=1e-3` and
+    `flag=true` mean what they say."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
 def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `key=value` overrides; all checked."""
     cfg = Config()
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}")
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}")
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of key: value")
-        for key, value in raw.items():
+        for key, value in read_mapping(path).items():
             _apply(cfg, str(key), value, f"in {path}")
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        # Parse override values as YAML scalars so `lr=1e-3` and `flag=true` mean what they say.
-        try:
-            parsed = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            parsed = value
-        _apply(cfg, key.strip(), parsed, "command-line override")
+        _apply(cfg, *parse_override(item), "command-line override")
     for key, check in Config._CHECKS.items():
         problem = check(getattr(cfg, key))
         if problem:

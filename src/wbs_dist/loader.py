@@ -5,8 +5,20 @@ Data path: at start the split's studies are read once from the Zarr store into a
 of the label map, so per-sample reads are slices, shared between DALI's worker processes through
 the page cache). A batch-mode `fn.external_source` (parallel workers) hands DALI per-sample
 (image, label map, lesion id, flip flag); the DALI graph builds the lesion and other-lesion masks,
-stacks channels, mirrors each view for augmentation and lays the views side by side. The same graph
-runs its operators on the GPU when a CUDA device is given, on the CPU (`device_id=None`) otherwise.
+stacks channels and mirrors each view for augmentation (views side by side).
+
+Two graphs compute the same samples, bit for bit (tests/test_loader.py):
+  portable   stock DALI operators (arithmetic expressions, stack, flip); runs on the GPU when a
+             CUDA device is given, where the host only ships image and label map (a third of the
+             sample) and the GPU composes the channels
+  fused      on CPU cores: one operator (lesion_op.py) that writes each output element once; the
+             stock operators each pass over the whole sample and leave a CPU loader bound by
+             memory traffic (bench/loader.py measures both)
+
+Batches on the CPU are zero-copy views of DALI's output buffers, which DALI reuses: a batch is
+valid until the next one is drawn (the contract of DALI's own `Pipeline.run`). A training step uses
+its batch before asking for the next; `.clone()` what must outlive that. Copying every batch out
+would halve a CPU loader's throughput.
 
 Sharding (DESIGN 5): the epoch's order is a permutation of all samples from (seed, epoch), the same
 on every rank; it is padded to whole global batches and step s of rank r takes positions
@@ -139,23 +151,29 @@ class _Source:
         studies = self.study[idx]
         return ([np.asarray(images[s]) for s in studies],
                 [np.asarray(labels[s]) for s in studies],
-                [np.array(self.lesion_id[i], np.uint16) for i in idx],
-                [np.array(f, np.int32) for f in flip],
+                [np.array([self.lesion_id[i]], np.uint16) for i in idx],
+                [np.array([f], np.int32) for f in flip],
                 [np.array(self.label[i], np.float32) for i in idx],
                 [np.array(v, np.float32) for v in valid],
                 [np.array(i, np.int64) for i in idx])
 
 
 def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width: int, device_id: int | None,
-              workers: int, other_lesions_channel: bool, seed: int):
+              workers: int, other_lesions_channel: bool, seed: int, fused: bool):
     from nvidia.dali import fn, pipeline_def
 
+    from .lesion_op import lesion_input
+
+    # The static executor: outputs live in buffers DALI recycles (see the module note). The dynamic
+    # executor hands over a fresh buffer per batch and measured 40 % slower on CPU.
     @pipeline_def(batch_size=batch, num_threads=2, device_id=device_id, seed=seed, prefetch_queue_depth=2,
-                  py_num_workers=max(workers, 1), py_start_method="spawn", exec_dynamic=True)
+                  py_num_workers=max(workers, 1), py_start_method="spawn", exec_dynamic=False)
     def graph():
         image, labels, lid, flip, y, valid, index = fn.external_source(
             source, num_outputs=7, batch=True, batch_info=True, parallel=workers > 0,
             layout=["HW", "HW", "", "", "", "", ""])
+        if fused:
+            return lesion_input(image, labels, lid, flip, channels=channels), y, valid, index
         if device_id is not None:
             image, labels, lid = image.gpu(), labels.gpu(), lid.gpu()
         # Arithmetic expressions (one fused operator each) give float masks without a separate cast.
@@ -166,7 +184,7 @@ def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width:
         # Mirror each view in place without moving data around: seen as (1, C*H, 2 views, W/2) with
         # layout CDHW, a horizontal flip reverses each view's columns only; reshapes are free.
         x = fn.reshape(x, shape=[1, channels * height, 2, width // 2], layout="CDHW")
-        x = fn.flip(x, horizontal=flip)
+        x = fn.flip(x, horizontal=fn.reshape(flip, shape=[]))
         x = fn.reshape(x, shape=[channels, height, width], layout="CHW")
         return x, y, valid, index
 
@@ -175,7 +193,7 @@ def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width:
 
 @dataclass
 class Batch:
-    x: torch.Tensor          # (b, C, H, W) float32, on the loader's device
+    x: torch.Tensor          # (b, C, H, W) float32, on the loader's device; on the CPU valid until the next batch
     y: torch.Tensor          # (b,) float32
     valid: torch.Tensor      # (b,) float32: 0 for padding
     index: torch.Tensor      # (b,) int64 row in the LesionIndex
@@ -186,7 +204,8 @@ class LesionLoader:
 
     def __init__(self, index: LesionIndex, *, global_batch: int, train: bool, flip_p: float = 0.5, seed: int = 0,
                  world: int = 1, rank: int = 0, device_id: int | None = None, workers: int = 2,
-                 start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None):
+                 start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None,
+                 fused: bool | None = None):
         self.index = index
         self.own_cache = cache is None
         self.cache = cache or StudyCache.build(index)
@@ -202,7 +221,9 @@ class LesionLoader:
         self.step = start_step
         self.pipe = _pipeline(self.source, batch=self.batch, channels=index.channels, height=index.height,
                               width=index.width, device_id=device_id, workers=workers,
-                              other_lesions_channel=index.other_lesions_channel, seed=seed)
+                              other_lesions_channel=index.other_lesions_channel, seed=seed,
+                              # fused=False runs the GPU graph's operators on the CPU (tests, bench)
+                              fused=device_id is None if fused is None else fused)
         self.pipe.build()
 
     def __len__(self) -> int:
@@ -219,7 +240,8 @@ class LesionLoader:
                 self.step = 0
                 return
             self.step += 1
-            yield Batch(self._to_torch(x), _cpu(y), _cpu(valid), _cpu(index).long())
+            # Labels, mask and indices are tiny: copied, so only x carries the next-batch lifetime.
+            yield Batch(self._to_torch(x), _cpu(y).clone(), _cpu(valid).clone(), _cpu(index).clone())
 
     def _to_torch(self, tl) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -250,6 +272,5 @@ class LesionLoader:
 
 
 def _cpu(tl) -> torch.Tensor:
-    # Zero-copy: with exec_dynamic, DALI hands over each output buffer and never reuses it while a
-    # reference (here the DLPack capsule) lives, so batches stay valid however long they are held.
+    # Zero-copy view of DALI's buffer: valid until the next batch is drawn (module note).
     return torch.from_dlpack(tl.as_tensor())

@@ -36,7 +36,9 @@ TUMOR_TYPES = ("lung", "prostate", "breast", "other")
 # The contract's tumour subgroups; "other" is reported when present but stays out of the chi-square.
 CONTRACT_TUMOR_TYPES = ("lung", "prostate", "breast")
 BURDEN_GROUPS = ("few", "medium", "extensive")
-VIEWS = ("anterior", "posterior")
+# `unknown`: the scorer's label for a view the DICOM does not name (score.py); views are not used in
+# any metric, so those rows are reported like the rest.
+VIEWS = ("anterior", "posterior", "unknown")
 ROW_CONVENTION = "rows numbered as lines of the file, header = row 1"
 
 METHODS = {

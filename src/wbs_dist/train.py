@@ -22,6 +22,8 @@ saves, and the process exits with PREEMPTED_EXIT_CODE (75) so the launcher reque
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import logging
 import math
@@ -48,6 +50,32 @@ from .models import AUX_LOSS_WEIGHT, build_model, split_logits
 from .store import TUMOR_TYPES, VIEWS, Store, int_to_key
 
 log = logging.getLogger("wbs_dist.train")
+
+# The FoldTrainer at work in this thread. Several trainers can share a process (tune interleaves a
+# trial's folds, Ray runs trials in threads), while logging handlers are process-wide: each fold's
+# train.log takes only the records logged while its own trainer works.
+_working: contextvars.ContextVar = contextvars.ContextVar("wbs_dist_fold_trainer", default=None)
+
+
+class _OwnRecords(logging.Filter):
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def filter(self, record) -> bool:
+        return _working.get() is self.trainer
+
+
+def _at_work(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        token = _working.set(self)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _working.reset(token)
+
+    return wrapper
 
 PREDICTION_COLUMNS = ("patient_id", "study_uid", "lesion_id", "view", "fold", "label", "score", "tumor_type",
                       "lesion_count")
@@ -317,6 +345,7 @@ class FoldTrainer:
         return FoldResult(self.fold, self.dir, info["epochs"], info["val_auc"], info["val_loss"],
                           self.dir / "predictions.csv")
 
+    @_at_work
     def open(self, preemption: bool = True) -> None:
         """Build everything and resume from the run directory. `preemption` installs the signal flag
         (main thread only: Ray runs trials in threads, and handles stopping itself)."""
@@ -327,6 +356,7 @@ class FoldTrainer:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._log_handler = logging.FileHandler(self.dir / "train.log")
             self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            self._log_handler.addFilter(_OwnRecords(self))
             root = logging.getLogger("wbs_dist")
             root.addHandler(self._log_handler)
             if root.getEffectiveLevel() > logging.INFO:   # launched without the CLI (torchrun script, Ray)
@@ -341,6 +371,7 @@ class FoldTrainer:
                      self.fold, len(self.train_index), len(self.val_index), self.steps_per_epoch,
                      self.device.type, self.env.world_size)
 
+    @_at_work
     def train_epoch(self) -> dict:
         """One epoch (the rest of it after a mid-epoch resume), validation, checkpoint; its metrics row."""
         main = self.env.is_main
@@ -388,6 +419,7 @@ class FoldTrainer:
         dist.barrier()
         return row
 
+    @_at_work
     def finish(self) -> FoldResult:
         """Final predictions and done.json (the fold counts as finished from then on)."""
         val = self.last_val or self._validate()    # None when resumed after the last epoch's checkpoint

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, _coerce, load_config
+from .config import Config, _coerce, load_config, parse_override, read_mapping
 from .errors import ConfigError, UsageError, WbsError
 
 log = logging.getLogger("wbs_dist.tune")
@@ -112,30 +112,15 @@ def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
 
     Paths come back absolute (trials run in Ray workers with another working directory)."""
     spec = TuneSpec()
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"tune config file not found: {path}")
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"tune config file {path} is not valid YAML: {exc}")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"tune config file {path}: expected a mapping of key: value")
-    for key, value in raw.items():
+    for key, value in read_mapping(path, "tune config file").items():
         _set(spec, str(key), value, f"in {path}")
     spec.base = str(Path(path).parent / spec.base)
     train_overrides = []
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        if key.startswith(TRAIN_PREFIX):
+        if item.startswith(TRAIN_PREFIX):
             train_overrides.append(item[len(TRAIN_PREFIX):])
-            continue
-        try:
-            parsed = yaml.safe_load(value) if value else ""
-        except yaml.YAMLError:
-            parsed = value
-        _set(spec, key.strip(), parsed, "command-line override")
+        else:
+            _set(spec, *parse_override(item), "command-line override")
     base = load_config(Path(spec.base), train_overrides)
     base.store = str(Path(base.store).resolve())
     spec.base = str(Path(spec.base).resolve())
