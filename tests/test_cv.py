@@ -144,7 +144,7 @@ def test_sbatch_train_folds_sh_then_cv_local_reports(slurm_cluster, cv_store, tm
     script's GPU-node resources for this CPU cluster."""
     cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs")
     jobid = subprocess.run(
-        ["sbatch", "--parsable", "--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=2G",
+        ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=2G",
          "--time=30", "-o", str(tmp_path / "fold-%a.out"), str(ROOT / "slurm" / "train_folds.sh"), str(cfg)],
         capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
 
