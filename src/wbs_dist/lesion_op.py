@@ -3,9 +3,9 @@
 The portable graph in loader.py composes the input from stock operators (two arithmetic
 expressions, a stack, a flip). On a GPU that is the right choice. On CPU cores each of those
 operators reads and writes the whole (C, 512, 256) float32 sample again, and the loader is bound by
-memory traffic: about 1,400 samples/s on this project's 2-core reference machine. This operator does
+memory traffic: about 1,300-1,500 samples/s on this project's 2-core reference machine. This operator does
 the same work in one loop. It reads the image and label map once and writes each output element
-once, with the view mirror folded into the read index. That reaches about 3,500 samples/s
+once, with the view mirror folded into the read index. That reaches about 3,700-4,000 samples/s
 (bench/loader.py).
 
 It runs as DALI's `NumbaFunction` operator, so it executes in DALI's CPU thread pool, outside
