@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pydicom
+from machine import machine  # bench/machine.py (bench scripts run from bench/ on sys.path)
 
 
 def _decode(path: str) -> tuple[str, int]:
@@ -57,16 +58,6 @@ def recompress(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -95,14 +86,14 @@ def main() -> None:
         if not compressed.exists():
             recompress(archive, compressed)
         results["all JPEG-LS lossless"] = measure(args, compressed)
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-    print(f"\n# bench/ingest on {machine}; {args.workers} processes, best of {args.repeats}")
+    host = f"{machine()}, {platform.system()} {platform.release()}"
+    print(f"\n# bench/ingest on {host}; {args.workers} processes, best of {args.repeats}")
     print(f"{'archive':<26}{'studies':>8}{'decode s':>10}{'ingest s':>10}{'ratio':>7}{'DICOM MB':>10}{'store MB':>10}{'ratio':>7}")
     for name, r in results.items():
         print(f"{name:<26}{r['studies']:>8}{r['decode_s']:>10.2f}{r['ingest_s']:>10.2f}{r['ingest_over_decode']:>7.2f}"
               f"{r['dicom_mb']:>10.1f}{r['store_mb']:>10.1f}{r['store_over_dicom']:>7.2f}")
     print("# targets: ingest <= 1.3x decode; store <= DICOM size")
-    (args.out / "ingest.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    (args.out / "ingest.json").write_text(json.dumps({"machine": host, "results": results}, indent=1))
     print(f"# wrote {args.out / 'ingest.json'}")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wbs_dist.dicom import identify_views
+from machine import machine  # bench/machine.py (bench scripts run from bench/ on sys.path)
 
 
 class NaiveDicomDataset(torch.utils.data.Dataset):
@@ -81,13 +81,6 @@ def time_loader(batches, limit_samples: int) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patients", type=int, default=100)
@@ -135,15 +128,15 @@ def main():
         results[name] = (float(np.median([r for r, _ in rates])), sum(n for _, n in rates))
     build = max(builds.values())
 
-    machine = f"{cpu_name()}, {os.cpu_count()} cores"
-    print(f"\n# bench/loader on {machine}; {len(index)} lesions of {len(index.study_keys)} studies, "
+    host = machine()
+    print(f"\n# bench/loader on {host}; {len(index)} lesions of {len(index.study_keys)} studies, "
           f"input {index.channels} x {h} x {w}, batch {args.batch}, {args.workers} workers")
     print(f"{'loader':<12}{'samples/s':>12}{'vs naive':>10}{'samples':>9}")
     for name, (rate, n) in results.items():
         print(f"{name:<12}{rate:12.1f}{rate / results['naive'][0]:10.1f}{n:9d}")
     print(f"# dali set-up (study cache + pipeline): {build:.1f} s; targets: dali >= 10x naive and >= 2000 samples/s")
     (args.out / "loader.json").write_text(json.dumps({
-        "machine": machine, "lesions": len(index), "studies": len(index.study_keys), "input": [index.channels, h, w],
+        "machine": host, "lesions": len(index), "studies": len(index.study_keys), "input": [index.channels, h, w],
         "batch": args.batch, "workers": args.workers, "dali_setup_s": build,
         "samples_per_s": {k: v[0] for k, v in results.items()},
         "ratio_vs_naive": {k: v[0] / results["naive"][0] for k, v in results.items()}}, indent=1))

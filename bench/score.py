@@ -25,7 +25,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -36,16 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import machine  # bench/machine.py (bench scripts run from bench/ on sys.path)
 
 
 def make_run(run: Path, model: str, height: int, width: int, folds: int) -> None:
@@ -211,9 +201,9 @@ def main() -> None:
             {"seconds": dec["seconds"], "studies_per_s": n / dec["seconds"]},
     }
     ratio = rows["end to end (wbs-dist score)"]["studies_per_s"] / rows["forward only (pre-decoded)"]["studies_per_s"]
-    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    host = (f"{machine()}, torch {torch.__version__}, "
                f"{torch.get_num_threads()} inference thread(s)")
-    print(f"\n# bench/score on {machine}")
+    print(f"\n# bench/score on {host}")
     print(f"# {n} studies, {fwd['lesions']} lesions, {args.model} {height}x{width}, {args.folds} fold models, "
           f"batch {args.batch}, {args.workers} decoding process(es)")
     print(f"{'':<34}{'seconds':>9}{'studies/s':>11}")
@@ -222,7 +212,7 @@ def main() -> None:
     print(f"end to end / forward only: {ratio:.3f} (target >= 0.9); max score difference {max_diff:.1e}")
     print(f"peak RSS: scorer process tree {e2e['tree_peak_rss_mb']:.0f} MB, largest process "
           f"{e2e['largest_process_peak_rss_mb']:.0f} MB")
-    report = {"machine": machine, "studies": n, "lesions": fwd["lesions"], "model": args.model,
+    report = {"machine": host, "studies": n, "lesions": fwd["lesions"], "model": args.model,
               "input_size": [height, width], "folds": args.folds, "batch": args.batch, "workers": args.workers,
               "results": rows, "ratio_end_to_end_over_forward": ratio, "max_score_difference": max_diff,
               "peak_rss_mb": {"tree": e2e["tree_peak_rss_mb"], "largest_process": e2e["largest_process_peak_rss_mb"]}}
@@ -238,14 +228,14 @@ def report_end_to_end(args, e2e: dict, height: int, width: int) -> None:
         lesions = sum(1 for _ in fh) - 1
     with summary.open() as fh:
         studies = sum(1 for _ in fh) - 1
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"\n# bench/score --end-to-end-only on {machine}")
+    host = f"{machine()}, torch {torch.__version__}"
+    print(f"\n# bench/score --end-to-end-only on {host}")
     print(f"# {studies} studies, {lesions} lesions, {args.model} {height}x{width}, {args.folds} fold models, "
           f"batch {args.batch}, {args.workers} decoding process(es)")
     print(f"end to end: {e2e['seconds']:.0f} s, {studies / e2e['seconds']:.2f} studies/s")
     print(f"peak RSS of the scorer's process tree: {e2e['tree_peak_rss_mb']:.0f} MB; by quarter of the run: "
           + ", ".join(f"{q:.0f}" for q in e2e["tree_peak_rss_mb_by_quarter"]) + " MB")
-    report = {"machine": machine, "studies": studies, "lesions": lesions, "model": args.model,
+    report = {"machine": host, "studies": studies, "lesions": lesions, "model": args.model,
               "input_size": [height, width], "folds": args.folds, "batch": args.batch, "workers": args.workers,
               "seconds": e2e["seconds"], "studies_per_s": studies / e2e["seconds"],
               "peak_rss_mb": {"tree": e2e["tree_peak_rss_mb"], "tree_by_quarter": e2e["tree_peak_rss_mb_by_quarter"],

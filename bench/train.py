@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import machine  # bench/machine.py (bench scripts run from bench/ on sys.path)
 
 
 def bare(model_name: str, channels: int, h: int, w: int, batch: int, steps: int) -> float:
@@ -68,9 +67,8 @@ def main():
     rate_bare_2 = bare(args.model, trainer.train_index.channels, h, w, args.batch, steps)
     rate_bare = (rate_bare_1 + rate_bare_2) / 2
     rate_train = row["samples_per_s"]
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     overhead = rate_bare / rate_train - 1
-    print(f"\n# bench/train on {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"\n# bench/train on {machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# {args.model}, input {trainer.train_index.channels} x {h} x {w}, batch {args.batch}, {steps} steps")
     print(f"{'':10}{'samples/s':>11}")
     print(f"{'bare':10}{rate_bare:11.2f}   (runs: {rate_bare_1:.2f}, {rate_bare_2:.2f})")
@@ -78,7 +76,7 @@ def main():
     print(f"# overhead of wbs-dist train: {100 * overhead:+.1f} % (target <= 5 %)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train.json").write_text(json.dumps({
-        "machine": f"{cpu}, {os.cpu_count()} cores", "model": args.model, "input": [trainer.train_index.channels, h, w],
+        "machine": machine(), "model": args.model, "input": [trainer.train_index.channels, h, w],
         "batch": args.batch, "steps": steps, "bare_samples_per_s": rate_bare, "train_samples_per_s": rate_train,
         "overhead": overhead}, indent=1))
 

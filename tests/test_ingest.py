@@ -1,13 +1,11 @@
 """`wbs-dist ingest` as a user sees it: exit status, the store's contents, the errors file."""
 
 import csv
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 import tarfile
@@ -17,7 +15,6 @@ import numpy as np
 import pydicom
 import pytest
 import zarr
-from PIL import Image
 from pydicom.data import get_testdata_file
 
 from wbs_dist.deid import keyed_hash, load_or_create_secret

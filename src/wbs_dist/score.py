@@ -48,7 +48,6 @@ task, say) and checks the result against the whole archive. slurm/score.sh does 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
