@@ -48,19 +48,23 @@ def archive_copy(synth_archive, tmp_path):
     return dst
 
 
-@pytest.fixture(scope="session")
-def loader_store(tmp_path_factory):
-    """A 30-patient store at a tiny training size (64 x 32) with 3 folds, shared read-only."""
+def build_store(base: Path, patients: int, seed: int, k: int) -> Path:
+    """A synthetic archive ingested at a tiny training size (64 x 32) with k folds: base/store.zarr."""
     from wbs_dist.folds import write_folds
     from wbs_dist.ingest import run_ingest
     from wbs_dist.store import Store
     from wbs_dist.synth import run_synth
 
-    base = tmp_path_factory.mktemp("loader")
-    run_synth(base / "archive", patients=30, seed=21, form="dir")
+    run_synth(base / "archive", patients=patients, seed=seed, form="dir")
     assert run_ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)) == 0
-    write_folds(Store.open(base / "store.zarr"), k=3, seed=0)
+    write_folds(Store.open(base / "store.zarr"), k=k, seed=0)
     return base / "store.zarr"
+
+
+@pytest.fixture(scope="session")
+def loader_store(tmp_path_factory):
+    """A 30-patient store with 3 folds, shared read-only."""
+    return build_store(tmp_path_factory.mktemp("loader"), patients=30, seed=21, k=3)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import yaml
 from wbs_dist.config import load_config
 from wbs_dist.launch.slurm import slurm_parameters
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, build_store, run_cli
 
 GOLDEN = ROOT / "tests" / "golden"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
@@ -20,17 +20,8 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 
 @pytest.fixture(scope="session")
 def cv_store(tmp_path_factory):
-    """40 patients at 64 x 32 with five folds: the study's k on a store small enough for CPUs."""
-    from wbs_dist.folds import write_folds
-    from wbs_dist.ingest import run_ingest
-    from wbs_dist.store import Store
-    from wbs_dist.synth import run_synth
-
-    base = tmp_path_factory.mktemp("cv")
-    run_synth(base / "archive", patients=40, seed=5, form="dir")
-    assert run_ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)) == 0
-    write_folds(Store.open(base / "store.zarr"), k=5, seed=0)
-    return base / "store.zarr"
+    """40 patients with five folds: the study's k on a store small enough for CPUs."""
+    return build_store(tmp_path_factory.mktemp("cv"), patients=40, seed=5, k=5)
 
 
 def tiny_config(path: Path, store: Path, run_dir: Path, **extra) -> Path:
