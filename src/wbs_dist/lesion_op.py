@@ -28,6 +28,8 @@ from numba import carray, cfunc, njit
 from numba import types as nt
 from numba.core import cgutils
 from numba.extending import intrinsic
+from nvidia.dali import types
+from nvidia.dali.plugin.numba import NumbaFunction
 
 
 @intrinsic
@@ -101,20 +103,20 @@ def _setup_2(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndims_pt
     _set_shapes(out_shapes_ptr, in_shapes_ptr, num_ins, num_samples, 2)
 
 
+class LesionInputOp(NumbaFunction):
+    """NumbaFunction given the compiled callbacks above instead of compiling its own per pipeline;
+    `setup_fn` carries the channel count (2 or 3)."""
+
+    def _get_run_fn_cpu(self, *args):
+        return _run.address
+
+    def _get_setup_fn_cpu(self, channels):
+        return {2: _setup_2, 3: _setup_3}[channels].address
+
+
 def lesion_input(image, labels, lesion_id, flip, *, channels: int):
     """The DALI node for (C, H, W) inputs; call inside a pipeline definition (CPU only)."""
-    from nvidia.dali import types
-    from nvidia.dali.plugin.numba import NumbaFunction
-
-    class _Op(NumbaFunction):
-        # The compiled callbacks above replace the wrapper's per-pipeline compilation.
-        def _get_run_fn_cpu(self, *args):
-            return _run.address
-
-        def _get_setup_fn_cpu(self, setup_fn):
-            return {2: _setup_2, 3: _setup_3}[channels].address
-
-    op = _Op(run_fn=None, setup_fn=channels, out_types=[types.FLOAT],
-             in_types=[types.FLOAT, types.UINT16, types.UINT16, types.INT32],
-             outs_ndim=[3], ins_ndim=[2, 2, 1, 1], device="cpu")
+    op = LesionInputOp(run_fn=None, setup_fn=channels, out_types=[types.FLOAT],
+                       in_types=[types.FLOAT, types.UINT16, types.UINT16, types.INT32],
+                       outs_ndim=[3], ins_ndim=[2, 2, 1, 1], device="cpu")
     return op(image, labels, lesion_id, flip)
