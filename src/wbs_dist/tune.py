@@ -117,10 +117,11 @@ def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
     spec.base = str(Path(path).parent / spec.base)
     train_overrides = []
     for item in overrides:
-        if item.startswith(TRAIN_PREFIX):
+        key, value = parse_override(item)
+        if key.startswith(TRAIN_PREFIX):
             train_overrides.append(item[len(TRAIN_PREFIX):])
         else:
-            _set(spec, *parse_override(item), "command-line override")
+            _set(spec, key, value, "command-line override")
     base = load_config(Path(spec.base), train_overrides)
     base.store = str(Path(base.store).resolve())
     spec.base = str(Path(spec.base).resolve())
