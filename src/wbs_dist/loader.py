@@ -162,8 +162,6 @@ def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width:
               workers: int, other_lesions_channel: bool, seed: int, fused: bool):
     from nvidia.dali import fn, pipeline_def
 
-    from .lesion_op import lesion_input
-
     # The static executor: outputs live in buffers DALI recycles (see the module note). The dynamic
     # executor hands over a fresh buffer per batch and measured 40 % slower on CPU.
     @pipeline_def(batch_size=batch, num_threads=2, device_id=device_id, seed=seed, prefetch_queue_depth=2,
@@ -173,6 +171,8 @@ def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width:
             source, num_outputs=7, batch=True, batch_info=True, parallel=workers > 0,
             layout=["HW", "HW", "", "", "", "", ""])
         if fused:
+            from .lesion_op import lesion_input   # numba: only processes that build a CPU loader
+
             return lesion_input(image, labels, lid, flip, channels=channels), y, valid, index
         if device_id is not None:
             image, labels, lid = image.gpu(), labels.gpu(), lid.gpu()
