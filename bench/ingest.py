@@ -73,13 +73,13 @@ def main() -> None:
                     help="also measure a copy of the archive recompressed to JPEG-LS lossless")
     args = ap.parse_args()
 
-    from wbs_dist.synth import run_synth
+    from wbs_dist.synth import write_archive
 
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WBS_DIST_SECRET_FILE", str(args.out / "secret"))
     archive = args.out / f"archive-{args.patients}-{args.seed}"
     if not archive.exists():
-        run_synth(archive, patients=args.patients, seed=args.seed, form="dir")
+        write_archive(archive, args.patients, seed=args.seed, form="dir")
     results = {"mixed (synth as written)": measure(args, archive)}
     if args.jpegls:
         compressed = args.out / f"archive-{args.patients}-{args.seed}-jpegls"
@@ -98,7 +98,7 @@ def main() -> None:
 
 
 def measure(args, archive: Path) -> dict:
-    from wbs_dist.ingest import run_ingest
+    from wbs_dist.data.ingest import ingest
     files = sorted(str(p) for p in (archive / "DICOM").rglob("*") if p.is_file())
     dicom_bytes = sum(Path(f).stat().st_size for f in files)
     ctx = multiprocessing.get_context("spawn")
@@ -115,9 +115,9 @@ def measure(args, archive: Path) -> dict:
         forms = Counter(ts for ts, _ in results)
         shutil.rmtree(store, ignore_errors=True)
         t0 = time.perf_counter()
-        rc = run_ingest(archive, store=store, workers=args.workers)
+        result = ingest(archive, store=store, workers=args.workers)
         ingest_times.append(time.perf_counter() - t0)
-        assert rc == 0, f"ingest exit status {rc}"
+        assert not result.errors, f"ingest skipped inputs: {result.errors[:3]}"
     store_bytes = tree_size(store)
     n_studies = len([p for p in (store / "studies").iterdir() if p.is_dir()])
     decode_t, ingest_t = min(decode_times), min(ingest_times)

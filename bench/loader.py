@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from wbs_dist.dicom import identify_views
+from wbs_dist.data.dicom import identify_views
 from machine import machine  # bench/machine.py (bench scripts run from bench/ on sys.path)
 
 
@@ -89,24 +89,24 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("bench/out/loader"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from wbs_dist.dataset import LesionDataset, lesion_index
-    from wbs_dist.folds import write_folds
-    from wbs_dist.ingest import run_ingest
-    from wbs_dist.loader import LesionLoader
-    from wbs_dist.store import Store
-    from wbs_dist.synth import run_synth
+    from wbs_dist.data.folds import write_folds
+    from wbs_dist.data.ingest import ingest
+    from wbs_dist.data.store import Store
+    from wbs_dist.synth import write_archive
+    from wbs_dist.train.dataset import LesionDataset, lesion_index
+    from wbs_dist.train.loader import LesionLoader
 
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WBS_DIST_SECRET_FILE", str(args.out / "secret"))
     archive, store_path = args.out / f"archive-{args.patients}", args.out / f"store-{args.patients}.zarr"
     if not archive.exists():
-        run_synth(archive, patients=args.patients, seed=0, form="dir")
+        write_archive(archive, args.patients, seed=0, form="dir")
     if not (store_path / "folds").exists():
-        run_ingest(archive, store=store_path, workers=args.workers)
+        ingest(archive, store=store_path, workers=args.workers)
         write_folds(Store.open(store_path), k=5, seed=0)
     store = Store.open(store_path)
     h, w = store.train_size
-    index = lesion_index(store, [0, 1, 2, 3, 4], h, w)
+    index = lesion_index(store, [0, 1, 2, 3, 4], (h, w))
     results = {}
 
     naive = torch.utils.data.DataLoader(NaiveDicomDataset(archive, h, w), batch_size=args.batch, shuffle=True,

@@ -41,11 +41,11 @@ from machine import machine  # bench/machine.py (bench scripts run from bench/ o
 def make_run(run: Path, model: str, height: int, width: int, folds: int) -> None:
     """A run directory as training leaves it: fold<K>/{config.yaml, last.pt, done.json}."""
     from wbs_dist.config import load_config, dump_config
-    from wbs_dist.models import build_model
+    from wbs_dist.train.models import build_model
 
     if all((run / f"fold{k}" / "done.json").exists() for k in range(folds)):
         return
-    cfg = load_config(None, [f"model={model}", f"image_height={height}", f"image_width={width}", "weights=none",
+    cfg = load_config(None, [f"model={model}", f"train_size={height}x{width}", "weights=none",
                              f"folds={max(folds, 2)}", f"run_dir={run}"])
     for k in range(folds):
         d = run / f"fold{k}"
@@ -109,33 +109,25 @@ def end_to_end(args, archive: Path, run: Path, out: Path) -> dict:
 
 def decode_only(args, archive: Path, height: int, width: int) -> tuple[dict, list]:
     """The scorer's worker side over every study, in args.workers spawned processes."""
-    from wbs_dist import annotations as ann
-    from wbs_dist import score
-    from wbs_dist.archive import Archive
-    from wbs_dist.ingest import StudyJob, find_annotations, group_studies, mask_members
+    from wbs_dist.data.studies import StudyPool, StudySource, group_studies
+    from wbs_dist.infer import score
 
-    with Archive.open(archive) as arc:
-        ann_src, csv_name, exclude = find_annotations(arc, None)
-        rows = ann.parse_annotations(ann_src.read(csv_name), csv_name) if ann_src is not None else {}
-        pool = score._pool(args.workers, (arc, ann_src, height, width, False))
-        try:
-            members = [m for m in arc.members if m not in exclude]
-            list(pool.map(score._header_task, members[: 2 * args.workers]))  # workers started and warm
-            t0 = time.perf_counter()
-            errors: list = []
-            studies = group_studies(pool.map(score._header_task, members, chunksize=8), errors)
-            jobs = [StudyJob(uid, "", sorted(n for n, _ in objs), rows.get(uid), mask_members(ann_src, csv_name, uid),
-                             csv_name or "annotations.csv") for uid, objs in studies.items()]
-            results = list(pool.map(score._study_task, jobs, chunksize=1))
-            seconds = time.perf_counter() - t0
-        finally:
-            pool.shutdown()
+    with StudySource.open(archive) as source, \
+            StudyPool(source, args.workers, {"size": (height, width), "overlays": False}) as pool:
+        members = source.members
+        list(pool.headers(members[: 2 * args.workers], progress=False))  # workers started and warm
+        t0 = time.perf_counter()
+        errors: list = []
+        studies = group_studies(pool.headers(members, progress=False), errors)
+        jobs = [source.job(uid, "", uid, objs) for uid, objs in studies.items()]
+        results = list(pool.executor.map(score._study_task, jobs, chunksize=1))
+        seconds = time.perf_counter() - t0
     return {"seconds": seconds, "studies": len(results)}, results
 
 
 def forward_only(args, run: Path, results: list) -> tuple[dict, dict]:
-    from wbs_dist.dataset import make_input, normalise
-    from wbs_dist.score import Ensemble
+    from wbs_dist.infer.ensemble import Ensemble
+    from wbs_dist.preprocess import make_input, normalise
 
     ensemble = Ensemble(run)
     # The threads the scorer's main process uses beside its decoding processes (score._cpu_threads).
@@ -171,12 +163,12 @@ def main() -> None:
     args = ap.parse_args()
     height, width = (int(v) for v in args.size.lower().split("x"))
 
-    from wbs_dist.synth import run_synth
+    from wbs_dist.synth import write_archive
 
     args.out.mkdir(parents=True, exist_ok=True)
     archive = args.out / f"archive-{args.studies}-{args.seed}"
     if not archive.exists():
-        run_synth(archive, patients=args.studies, seed=args.seed, form="dir")
+        write_archive(archive, args.studies, seed=args.seed, form="dir")
     run = args.out / f"run-{args.model}-{height}x{width}-{args.folds}folds"
     make_run(run, args.model, height, width, args.folds)
 

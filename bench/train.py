@@ -22,7 +22,7 @@ from machine import machine  # bench/machine.py (bench scripts run from bench/ o
 
 
 def bare(model_name: str, channels: int, h: int, w: int, batch: int, steps: int) -> float:
-    from wbs_dist.models import build_model
+    from wbs_dist.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model(model_name, channels, "none", input_size=(h, w))
@@ -48,15 +48,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("bench/out/train"))
     args = ap.parse_args()
-    from wbs_dist.config import Config
-    from wbs_dist.store import Store
-    from wbs_dist.train import FoldTrainer
+    from wbs_dist.config import Config, Size
+    from wbs_dist.data.store import Store
+    from wbs_dist.train.trainer import FoldTrainer
 
     st = Store.open(args.store)
     h, w = st.train_size
     k = int(st.root["folds"].attrs["k"])
     run_dir = tempfile.mkdtemp(prefix="wbs-bench-train-")
-    cfg = Config(store=str(args.store), image_height=h, image_width=w, model=args.model, weights="none",
+    cfg = Config(store=str(args.store), train_size=Size(h, w), model=args.model, weights="none",
                  epochs=1, batch_size=args.batch, folds=k, run_dir=run_dir, num_workers=0, checkpoint_every=200)
     trainer = FoldTrainer(cfg, fold=0)
     trainer.open(preemption=False)

@@ -26,16 +26,16 @@ RAY_TMP = f"/tmp/ray-bench-{os.getpid()}"       # short: Ray's socket paths live
 
 
 def make_store(out: Path, patients: int) -> Path:
-    from wbs_dist.folds import write_folds
-    from wbs_dist.ingest import run_ingest
-    from wbs_dist.store import Store
-    from wbs_dist.synth import run_synth
+    from wbs_dist.data.folds import write_folds
+    from wbs_dist.data.ingest import ingest
+    from wbs_dist.data.store import Store
+    from wbs_dist.synth import write_archive
 
     store = out / f"store-{patients}.zarr"
     if not (store / "lesions").exists():
         shutil.rmtree(store, ignore_errors=True)
-        run_synth(out / f"archive-{patients}", patients=patients, seed=21, form="dir")
-        assert run_ingest(out / f"archive-{patients}", store=store, workers=2, train_size=(64, 32)) == 0
+        write_archive(out / f"archive-{patients}", patients, seed=21, form="dir")
+        assert not ingest(out / f"archive-{patients}", store=store, workers=2, train_size=(64, 32)).errors
         write_folds(Store.open(store), k=3, seed=0)
     return store
 
@@ -43,13 +43,13 @@ def make_store(out: Path, patients: int) -> Path:
 def sweep(name: str, args, store: Path, early_stopping: bool) -> dict:
     from ray import tune
 
-    from wbs_dist.tune import METRIC, load_tune, run_sweep
+    from wbs_dist.launch.tune import METRIC, load_tune, run_sweep
 
     spec, base = load_tune(ROOT / "configs" / "tune.yaml", [
         f"base={ROOT / 'configs' / 'local.yaml'}", f"storage_path={args.out}", f"name={name}", "num_samples=1",
         f"max_epochs={args.epochs}", f"grace_period={args.grace}", f"reduction_factor={args.reduction}",
         "cpus_per_trial=1", "gpus_per_trial=0", f"cpus={args.cpus}", f"ray_temp_dir={RAY_TMP}",
-        f"train.store={store}", "train.image_height=64", "train.image_width=32", "train.folds=3",
+        f"train.store={store}", "train.train_size=64x32", "train.folds=3",
         "train.model=resnet18", "train.num_workers=0", "train.deterministic=true"])
     shutil.rmtree(spec.experiment_dir, ignore_errors=True)      # a measurement, not a restore
     grid = {"lr": tune.grid_search(args.lrs), "batch_size": tune.grid_search(args.batches)}

@@ -34,10 +34,10 @@ def run_cli(*args, cwd=None, timeout=600):
 @pytest.fixture(scope="session")
 def synth_archive(tmp_path_factory):
     """A 12-patient synthetic archive (every form a converter meets), shared read-only."""
-    from wbs_dist.synth import run_synth
+    from wbs_dist.synth import write_archive
 
     out = tmp_path_factory.mktemp("synth") / "archive"
-    assert run_synth(out, patients=12, seed=7, form="dir") == 0
+    write_archive(out, 12, seed=7, form="dir", progress=False)
     return out
 
 
@@ -50,13 +50,13 @@ def archive_copy(synth_archive, tmp_path):
 
 def build_store(base: Path, patients: int, seed: int, k: int) -> Path:
     """A synthetic archive ingested at a tiny training size (64 x 32) with k folds: base/store.zarr."""
-    from wbs_dist.folds import write_folds
-    from wbs_dist.ingest import run_ingest
-    from wbs_dist.store import Store
-    from wbs_dist.synth import run_synth
+    from wbs_dist.data.folds import write_folds
+    from wbs_dist.data.ingest import ingest
+    from wbs_dist.data.store import Store
+    from wbs_dist.synth import write_archive
 
-    run_synth(base / "archive", patients=patients, seed=seed, form="dir")
-    assert run_ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)) == 0
+    write_archive(base / "archive", patients, seed=seed, form="dir", progress=False)
+    assert not ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)).errors
     write_folds(Store.open(base / "store.zarr"), k=k, seed=0)
     return base / "store.zarr"
 

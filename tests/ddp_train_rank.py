@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from wbs_dist.config import load_config
-from wbs_dist.dist import detect
-from wbs_dist.train import FoldTrainer
+from wbs_dist.train.ddp import detect
+from wbs_dist.train.trainer import FoldTrainer
 
 if __name__ == "__main__":
     config, out, *overrides = sys.argv[1:]

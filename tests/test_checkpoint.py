@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from wbs_dist.checkpoint import (
+from wbs_dist.train.checkpoint import (
     PREEMPTED_EXIT_CODE,
     PreemptionFlag,
     apply_state,
@@ -162,7 +162,7 @@ def test_truncated_newest_falls_back_to_prev(tmp_path, caplog):
     save_steps(path, 2)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="wbs_dist.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="wbs_dist.train.checkpoint"):
         state = load_checkpoint(path)
     assert state["step"] == 0
     assert str(path) in caplog.text and "cannot be loaded" in caplog.text
@@ -174,7 +174,7 @@ def test_missing_newest_falls_back_to_prev(tmp_path, caplog):
     save_steps(path, 2)
     path.unlink()  # a crash between rotation and rename
     assert find_resume_checkpoint(tmp_path) == path
-    with caplog.at_level(logging.WARNING, logger="wbs_dist.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="wbs_dist.train.checkpoint"):
         assert load_checkpoint(path)["step"] == 0
     assert str(prev_path(path)) in caplog.text
 

@@ -14,11 +14,11 @@ def test_baseline_is_the_study_protocol():
     cfg = load_config(CONFIGS / "baseline.yaml")
     assert (cfg.model, cfg.weights, cfg.lr, cfg.batch_size, cfg.epochs, cfg.flip_p, cfg.folds) == \
         ("resnet50", "imagenet", 1e-3, 8, 300, 0.5, 5)
-    assert (cfg.image_height, cfg.image_width) == (512, 256)
+    assert cfg.train_size == (512, 256) and str(cfg.train_size) == "512x256"
 
 
 def test_every_shipped_config_validates():
-    from wbs_dist.tune import load_tune
+    from wbs_dist.launch.tune import load_tune
 
     for path in CONFIGS.glob("*.yaml"):
         if path.name == "tune.yaml":      # a search over a training config, with its own schema
@@ -62,6 +62,7 @@ def test_bad_yaml_files(tmp_path):
 
 
 def test_config_knows_every_model():
-    from wbs_dist import config, models
+    from wbs_dist import config
+    from wbs_dist.train import models
 
     assert config.MODELS == models.MODELS

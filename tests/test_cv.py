@@ -25,7 +25,7 @@ def cv_store(tmp_path_factory):
 
 
 def tiny_config(path: Path, store: Path, run_dir: Path, **extra) -> Path:
-    cfg = {"store": str(store), "run_dir": str(run_dir), "image_height": 64, "image_width": 32,
+    cfg = {"store": str(store), "run_dir": str(run_dir), "train_size": "64x32",
            "model": "resnet18", "weights": "none", "epochs": 1, "folds": 5, "num_workers": 0,
            "deterministic": True, "slurm_tasks_per_node": 2, "slurm_cpus_per_task": 1, "slurm_mem_gb": 2,
            "slurm_time_min": 30, "slurm_signal_delay_s": 30}

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from wbs_dist import dist as wdist
-from wbs_dist.checkpoint import PreemptionFlag
+from wbs_dist.train import ddp as wdist
+from wbs_dist.train.checkpoint import PreemptionFlag
 from wbs_dist.errors import ConfigError, UsageError
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -90,7 +90,7 @@ def test_slurm_env_overrides(clean_env):
 def test_slurm_batch_script_without_srun_is_one_process(clean_env, caplog):
     slurm(clean_env, SLURM_PROCID="0")
     clean_env.delenv("SLURM_STEP_ID")
-    with caplog.at_level(logging.WARNING, logger="wbs_dist.dist"):
+    with caplog.at_level(logging.WARNING, logger="wbs_dist.train.ddp"):
         env = wdist.detect()
     assert (env.rank, env.world_size, env.source) == (0, 1, "single")
     assert "srun" in caplog.text

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from wbs_dist.folds import assign_folds
-from wbs_dist.store import TUMOR_TYPES
+from wbs_dist.data.folds import assign_folds
+from wbs_dist.schema import TUMOR_TYPES
 from wbs_dist.synth import plan_study
 
 from conftest import run_cli

@@ -17,9 +17,9 @@ import pytest
 import zarr
 from pydicom.data import get_testdata_file
 
-from wbs_dist.deid import keyed_hash, load_or_create_secret
-from wbs_dist.dicom import VIEW_CODES
-from wbs_dist.store import Store
+from wbs_dist.data.deid import keyed_hash, load_or_create_secret
+from wbs_dist.data.dicom import VIEW_CODES
+from wbs_dist.data.store import Store
 
 from conftest import WBS, run_cli
 

@@ -14,7 +14,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, JPEGLSLossless
 
-from wbs_dist.store import Store
+from wbs_dist.data.store import Store
 
 from conftest import run_cli
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 import zarr
 
-from wbs_dist.dataset import LesionDataset, lesion_index, mirror_views
-from wbs_dist.loader import LesionLoader, StudyCache, epoch_plan, steps_per_epoch
-from wbs_dist.store import Store, StoreError
+from wbs_dist.train.dataset import LesionDataset, lesion_index, mirror_views
+from wbs_dist.train.loader import LesionLoader, StudyCache, epoch_plan, steps_per_epoch
+from wbs_dist.data.store import Store, StoreError
 
 H, W = 64, 32
 
 
 @pytest.fixture(scope="module")
 def index(loader_store):
-    return lesion_index(Store.open(loader_store), [0, 1, 2], H, W)
+    return lesion_index(Store.open(loader_store), [0, 1, 2], (H, W))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_training_flip_mirrors_each_view_in_place(index, cache, fused):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-op", "portable-gpu-graph"])
 def test_without_other_lesions_channel_two_channels_equal_dataset(loader_store, fused):
-    index2 = lesion_index(Store.open(loader_store), [1], H, W, other_lesions_channel=False)
+    index2 = lesion_index(Store.open(loader_store), [1], (H, W), other_lesions_channel=False)
     ds = LesionDataset(index2)
     with LesionLoader(index2, global_batch=4, train=True, flip_p=0.5, seed=1, workers=0, fused=fused) as loader:
         batches = collect(loader)
@@ -169,9 +169,9 @@ def test_bad_stores_and_folds_are_named(loader_store, tmp_path):
 
     st = Store.open(loader_store)
     with pytest.raises(StoreError, match="holds its training level at 64x32"):
-        lesion_index(st, [0], 512, 256)
+        lesion_index(st, [0], (512, 256))
     with pytest.raises(StoreError, match="fold 7 out of range"):
-        lesion_index(st, [7], H, W)
+        lesion_index(st, [7], (H, W))
 
     # Folds edited by hand: fold 2 empty, fold 0 only benign.
     edited = tmp_path / "edited.zarr"
@@ -183,6 +183,6 @@ def test_bad_stores_and_folds_are_named(loader_store, tmp_path):
     malignant = {p for p, y in zip(table["patient"], table["label"]) if y == 1}
     g["fold"][...] = np.array([1 if p in malignant else 0 for p in patients], np.int8)
     with pytest.raises(StoreError, match="fold 0 holds only benign lesions"):
-        lesion_index(est, [0], H, W)
+        lesion_index(est, [0], (H, W))
     with pytest.raises(StoreError, match="fold 2 has no lesions"):
-        lesion_index(est, [2], H, W)
+        lesion_index(est, [2], (H, W))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from wbs_dist.metrics import (
+from wbs_dist.evaluate.metrics import (
     METRIC_KEYS,
     auc_interval,
     chi_square,

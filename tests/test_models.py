@@ -4,7 +4,7 @@ import torchvision
 from torch import nn
 
 from wbs_dist.errors import ConfigError, UsageError
-from wbs_dist.models import (
+from wbs_dist.train.models import (
     AUX_LOSS_WEIGHT,
     MODELS,
     _adapted_conv,
@@ -59,7 +59,7 @@ def test_inception_aux_logits_at_299():
 def test_inception_aux_off_below_299_and_minimum_size():
     assert build_model("inception_v3", 3, input_size=(512, 256)).AuxLogits is None
     assert build_model("inception_v3", 3).AuxLogits is None
-    with pytest.raises(ConfigError, match="'image_width'"):
+    with pytest.raises(ConfigError, match="'train_size'"):
         build_model("inception_v3", 3, input_size=(512, 64))
 
 

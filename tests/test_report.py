@@ -7,11 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from wbs_dist.cli import main
 from wbs_dist.errors import InputError
-from wbs_dist.metrics import METRIC_KEYS, RATES
-from wbs_dist.report import analyse, burden_group, read_predictions, run_names
+from wbs_dist.evaluate.analysis import analyse, run_names
+from wbs_dist.evaluate.metrics import METRIC_KEYS, RATES
+from wbs_dist.evaluate.predictions import read_predictions
+from wbs_dist.evaluate.report import headline, write_report
+from wbs_dist.schema import burden_group
 
 DATA = Path(__file__).parent / "data" / "report"
 TEN = DATA / "ten_rows.csv"
@@ -244,6 +248,33 @@ def test_several_runs_side_by_side(tmp_path, capsys):
     for name in ("roc_runs", "resnet50_roc_folds", "vgg16_calibration"):
         assert (out / f"{name}.png").exists()
     assert capsys.readouterr().out.count("lesion level (pooled") == 2
+
+
+def test_write_report_returns_runs_and_prints_nothing(tmp_path, capsys):
+    runs = write_report([TEN], tmp_path / "out", threshold=0.5)
+    assert capsys.readouterr().out == ""
+    assert [r.name for r in runs] == ["ten_rows"]
+    assert headline(runs[0]) == ("ten_rows: lesion level (pooled, n=10): accuracy 80.00 %, "
+                                 "sensitivity 80.00 %, specificity 80.00 %, AUC 0.840")
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["threshold"] == 0.5
+    with pytest.raises(ValueError, match="threshold"):
+        write_report([TEN], tmp_path / "other", threshold="0.5")  # not parsed: parse_threshold first
+
+
+def test_failed_rendering_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    # Everything is rendered before the first file is written: a plot that fails must not leave new
+    # metrics.json beside the previous run's tables and pages.
+    out = tmp_path / "out"
+    write_report([TEN], out, threshold=0.5)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("rendering failed")
+
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", boom)
+    with pytest.raises(RuntimeError, match="rendering failed"):
+        write_report([TEN], out, threshold=0.35)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_run_names():

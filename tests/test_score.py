@@ -16,9 +16,9 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from wbs_dist.archive import Archive
 from wbs_dist.config import load_config
-from wbs_dist.score import parts_dir, run_score
+from wbs_dist.infer.parts import parts_dir
+from wbs_dist.infer.score import score_archive
 from wbs_dist.synth import plan_study
 
 from conftest import ROOT, WBS
@@ -50,11 +50,11 @@ def assert_same_rows(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def run_dir(loader_store, tmp_path_factory):
     """fold0 trained for one epoch; fold1 its weights perturbed (a distinct second model)."""
-    from wbs_dist.train import train_fold
+    from wbs_dist.train.trainer import train_fold
 
     run = tmp_path_factory.mktemp("score") / "run"
     cfg = load_config(ROOT / "configs" / "local.yaml",
-                      [f"store={loader_store}", f"run_dir={run}", "image_height=64", "image_width=32", "folds=3",
+                      [f"store={loader_store}", f"run_dir={run}", "train_size=64x32", "folds=3",
                        "epochs=1", "model=resnet18", "deterministic=false", "checkpoint_every=0"])
     train_fold(cfg, 0)
     state = torch.load(run / "fold0" / "last.pt", weights_only=True)
@@ -71,7 +71,7 @@ def run_dir(loader_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def full(synth_archive, run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "pred.csv"
-    assert run_score(synth_archive, run_dir, out, workers=2, batch=16, overlays=out.parent / "overlays") == 0
+    assert not score_archive(synth_archive, run_dir, out, workers=2, batch=16, overlays=out.parent / "overlays").errors
     return out
 
 
@@ -120,24 +120,21 @@ def test_summary_errors_and_overlays(full, synth_archive):
 
 def test_preprocessing_is_the_training_pipelines(loader_store):
     """The scorer's network input for a lesion equals the training dataset's, bit for bit."""
-    from wbs_dist import score
-    from wbs_dist.dataset import LesionDataset, lesion_index, make_input, normalise
-    from wbs_dist.deid import keyed_hash, load_or_create_secret
-    from wbs_dist.ingest import StudyJob, find_annotations, mask_members
-    from wbs_dist.annotations import parse_annotations
-    from wbs_dist.store import Store
+    from wbs_dist.data.deid import keyed_hash, load_or_create_secret
+    from wbs_dist.data.store import Store
+    from wbs_dist.data.studies import StudyPool, StudySource, group_studies
+    from wbs_dist.infer import score
+    from wbs_dist.preprocess import make_input, normalise
+    from wbs_dist.train.dataset import LesionDataset, lesion_index
 
     store = Store.open(loader_store)
-    index = lesion_index(store, [0, 1, 2], 64, 32)
+    index = lesion_index(store, [0, 1, 2], (64, 32))
     secret = load_or_create_secret(None)
-    with Archive.open(loader_store.parent / "archive") as arc:
-        ann_src, csv_name, _ = find_annotations(arc, None)
-        rows = parse_annotations(ann_src.read(csv_name))
-        uid = sorted(u for u, a in rows.items() if len(a.lesions) >= 2)[0]
-        members = sorted(m for m in arc.members if m.startswith("DICOM/") and
-                         pydicom.dcmread(arc.open_member(m), stop_before_pixels=True).StudyInstanceUID == uid)
-        score._init_worker(arc, ann_src, 64, 32, False)
-        res = score._study_task(StudyJob(uid, "", members, rows[uid], mask_members(ann_src, csv_name, uid)))
+    with StudySource.open(loader_store.parent / "archive") as source:
+        uid = sorted(u for u, a in source.rows.items() if len(a.lesions) >= 2)[0]
+        with StudyPool(source, 0, {"size": (64, 32), "overlays": False}) as pool:
+            studies = group_studies(pool.headers(source.members, progress=False), [])
+            res = score._study_task(source.job(uid, "", uid, studies[uid]))
     key = keyed_hash(secret, "study", uid)
     dataset = LesionDataset(index)
     s = index.study_keys.index(key)
@@ -148,14 +145,13 @@ def test_preprocessing_is_the_training_pipelines(loader_store):
         assert np.array_equal(ours, dataset[i]["x"].numpy())
 
 
-def test_shards_merge_to_the_unsharded_output(full, synth_archive, run_dir, tmp_path, capsys):
+def test_shards_merge_to_the_unsharded_output(full, synth_archive, run_dir, tmp_path):
     out = tmp_path / "pred.csv"
     for i in range(3):
-        assert run_score(synth_archive, run_dir, out, shard=f"{i}/3", workers=0) == 0
+        assert not score_archive(synth_archive, run_dir, out, shard=f"{i}/3", workers=0).errors
     assert not out.exists()  # shards write parts only
-    capsys.readouterr()
-    assert run_score(synth_archive, run_dir, out, workers=0) == 0
-    assert "0 studies scored now, 12 already done" in capsys.readouterr().out
+    merged = score_archive(synth_archive, run_dir, out, workers=0)
+    assert (merged.scored, merged.already, merged.errors) == (0, 12, [])
     assert_same_rows(out, full)
     assert_same_rows(out.with_name("pred.summary.csv"), full.with_name("pred.summary.csv"))
 
@@ -174,7 +170,7 @@ def test_kill_at_a_random_point_then_rerun_gives_each_lesion_once(full, synth_ar
     proc.wait()
     done_before = len(list(parts_dir(out).glob("part-*.json")))
     assert not out.exists() and done_before < 12, "the kill should interrupt the run"
-    assert run_score(synth_archive, run_dir, out, workers=0) == 0
+    assert not score_archive(synth_archive, run_dir, out, workers=0).errors
     pred = rows_of(out)
     keys = [(r["study_uid"], r["lesion_id"]) for r in pred]
     assert len(keys) == len(set(keys))
@@ -213,7 +209,7 @@ def test_bad_files_are_listed_and_exit_3(synth_archive, run_dir, tmp_path):
 
 def test_real_nm1_scan_scored_through_the_candidate_path(nm1_archive, run_dir, tmp_path):
     out = tmp_path / "pred.csv"
-    assert run_score(nm1_archive, run_dir, out, workers=0) == 0
+    assert not score_archive(nm1_archive, run_dir, out, workers=0).errors
     pred = rows_of(out)
     (summary,) = rows_of(out.with_name("pred.summary.csv"))
     assert summary["source"] == "candidates" and summary["views"] == "unknown"
@@ -225,7 +221,7 @@ def test_ensemble_score_is_the_mean_of_the_folds(nm1_archive, run_dir, tmp_path)
     scores = {}
     for name, fold in (("both", None), ("f0", 0), ("f1", 1)):
         out = tmp_path / name / "pred.csv"
-        assert run_score(nm1_archive, run_dir, out, fold=fold, workers=0) == 0
+        assert not score_archive(nm1_archive, run_dir, out, fold=fold, workers=0).errors
         scores[name] = np.array([float(r["score"]) for r in rows_of(out)])
     assert not np.allclose(scores["f0"], scores["f1"], atol=1e-4), "the two folds should differ"
     np.testing.assert_allclose(scores["both"], (scores["f0"] + scores["f1"]) / 2, atol=2e-6)
@@ -235,7 +231,7 @@ def test_other_setup_in_the_parts_folder_is_refused(full, synth_archive, run_dir
     from wbs_dist.errors import UsageError
 
     with pytest.raises(UsageError, match="another setup"):
-        run_score(synth_archive, run_dir, full, fold=0, workers=0)
+        score_archive(synth_archive, run_dir, full, fold=0, workers=0)
 
 
 def test_usage_errors_exit_2(nm1_archive, run_dir, tmp_path):

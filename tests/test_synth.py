@@ -16,6 +16,7 @@ from PIL import Image
 from wbs_dist import synth
 from wbs_dist.cli import main
 from wbs_dist.errors import UsageError
+from wbs_dist.schema import STUDY_TUMOR_TYPES
 
 CODES = {c[0]: view for view, pair in synth.VIEW_CODES.items() for c in pair}
 
@@ -44,7 +45,9 @@ def frame_views(ds) -> list[str]:
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "archive"
-    assert synth.run_synth(out, patients=10, seed=11, form=None) == 0
+    summary = synth.write_archive(out, 10, seed=11, progress=False)
+    assert summary["out"] == str(out) and summary["archive_form"] == "dir" and summary["studies"] == 10
+    assert sum(summary["dicom_forms"].values()) == 10 and summary["dicom_files"] == len(dicom_paths(out))
     return out
 
 
@@ -110,7 +113,7 @@ def test_annotations_and_masks_agree(archive):
     tumor = defaultdict(set)
     for r in rows:
         assert r["view"] in synth.VIEWS and r["label"] in ("malignant", "benign")
-        assert r["tumor_type"] in synth.TUMOR_TYPES
+        assert r["tumor_type"] in STUDY_TUMOR_TYPES
         by_view[(r["study_uid"], r["view"])].add(int(r["lesion_id"]))
         tumor[r["study_uid"]].add(r["tumor_type"])
     assert all(len(t) == 1 for t in tumor.values())
@@ -156,7 +159,8 @@ def test_proportions_near_the_study():
     assert 0.45 <= malignant <= 0.57, malignant
     assert 0.36 <= patients <= 0.52, patients
     types = Counter(p.tumor_type for p in plans)
-    for t, share in zip(synth.TUMOR_TYPES, synth.TUMOR_WEIGHTS):
+    assert tuple(synth.TUMOR_WEIGHTS) == STUDY_TUMOR_TYPES
+    for t, share in synth.TUMOR_WEIGHTS.items():
         assert abs(types[t] / len(plans) - share) <= 0.06, (t, types[t])
     for p in plans:
         if p.tumor_type == "prostate":

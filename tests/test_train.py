@@ -17,7 +17,7 @@ CONFIG = ROOT / "configs" / "local.yaml"
 
 
 def overrides(store, run_dir, **extra):
-    base = {"store": store, "run_dir": run_dir, "image_height": 64, "image_width": 32, "folds": 3, "epochs": 3,
+    base = {"store": store, "run_dir": run_dir, "train_size": "64x32", "folds": 3, "epochs": 3,
             "model": "resnet18",
             "checkpoint_every": 2, "deterministic": "true"}
     base.update(extra)
@@ -84,12 +84,12 @@ def test_finished_fold_is_not_redone(loader_store, uninterrupted):
 
 
 def test_ddp_two_ranks_under_torchrun_with_uneven_shards(loader_store, tmp_path):
-    from wbs_dist.dataset import lesion_index
-    from wbs_dist.store import Store
+    from wbs_dist.train.dataset import lesion_index
+    from wbs_dist.data.store import Store
 
     # A global batch (2 ranks) that the training folds' lesion count is not a multiple of, so the
     # shards are uneven. (The split depends on the pseudonyms, hence on the session's secret.)
-    n_train = len(lesion_index(Store.open(loader_store), [1, 2], 64, 32))
+    n_train = len(lesion_index(Store.open(loader_store), [1, 2], (64, 32)))
     batch = next(b for b in (6, 10, 4, 14, 8) if n_train % b)
     run_dir = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -104,7 +104,7 @@ def test_ddp_two_ranks_under_torchrun_with_uneven_shards(loader_store, tmp_path)
         assert torch.equal(r0[key], r1[key]), key
     assert "2 rank(s)" in (run_dir / "fold0" / "train.log").read_text()
     n_pred = len((run_dir / "fold0" / "predictions.csv").read_text().splitlines()) - 1
-    assert n_pred == len(lesion_index(Store.open(loader_store), [0], 64, 32))   # every lesion once
+    assert n_pred == len(lesion_index(Store.open(loader_store), [0], (64, 32)))   # every lesion once
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -30,7 +30,7 @@ def sweep_args(store, storage, name, **extra):
     keys = {"base": ROOT / "configs" / "local.yaml", "num_samples": 4, "max_epochs": 3, "grace_period": 1,
             "reduction_factor": 2, "cpus_per_trial": 1, "gpus_per_trial": 0, "cpus": 2, "seed": 0,
             "ray_temp_dir": RAY_TMP, "storage_path": storage, "name": name,
-            "train.store": store, "train.image_height": 64, "train.image_width": 32, "train.folds": 3,
+            "train.store": store, "train.train_size": "64x32", "train.folds": 3,
             "train.model": "resnet18", "train.num_workers": 0, "train.epochs": BASE_EPOCHS,
             "train.deterministic": "true"}
     keys.update(extra)
@@ -151,7 +151,7 @@ def test_best_yaml_is_a_complete_training_config(sweep, loader_store):
     cfg = load_config(exp / "best.yaml")
     assert cfg.lr == pytest.approx(float(best["lr"])) and cfg.batch_size == int(best["batch_size"])
     assert cfg.epochs == BASE_EPOCHS                      # the full protocol, not the sweep's budget
-    assert (cfg.store, cfg.folds, cfg.model, cfg.image_height) == (str(loader_store), 3, "resnet18", 64)
+    assert (cfg.store, cfg.folds, cfg.model, cfg.train_size) == (str(loader_store), 3, "resnet18", (64, 32))
     assert cfg.run_dir == str(exp / "best")
     # The finished trials' folds hold their predictions (done.json), as `wbs-dist train` leaves them.
     assert (exp / best["trial"] / "run" / "fold2" / "done.json").exists()

@@ -1,8 +1,9 @@
 """The `wbs-dist` command: parse, dispatch, map errors to exit statuses (DESIGN 3.1).
 
-Each subcommand lives in the module that owns the concept; this file only wires arguments to a
-`run_*` function and turns `WbsError` into a one-line message. Exit statuses: 0 success, 2 usage or
-config error, 3 finished but some inputs were skipped, 1 anything else.
+Each stage exposes typed functions that return data (data.ingest.ingest, train.trainer.train_fold,
+launch.cv.cross_validate, infer.score.score_archive, evaluate.report.write_report, ...); this file
+alone parses arguments, calls them, prints what they return and maps errors to exit statuses:
+0 success, 2 usage or config error, 3 finished but some inputs were skipped, 1 anything else.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
-from . import __version__
-from .errors import EXIT_FAILURE, EXIT_USAGE, WbsError
+from wbs_dist import __version__
+from wbs_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, WbsError
 
 log = logging.getLogger("wbs_dist")
 
@@ -26,78 +28,159 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _cmd_synth(args) -> int:
-    from .synth import run_synth
+def _skipped(command: str, errors: list[tuple[str, str]], path: Path, verb: str = "skipped") -> int:
+    """List inputs that were skipped with their reasons (a count per reason, the first 20); exit 3."""
+    if not errors:
+        return EXIT_OK
+    kinds = Counter(reason.split(" (")[0].split(":")[0] for _, reason in errors)
+    print(f"wbs-dist {command}: {len(errors)} input(s) {verb}, listed with reasons in {path}:", file=sys.stderr)
+    for reason, n in kinds.most_common(12):
+        print(f"  {n:6d}  {reason}", file=sys.stderr)
+    for p, reason in errors[:20]:
+        print(f"  {p}: {reason}", file=sys.stderr)
+    if len(errors) > 20:
+        print(f"  ... and {len(errors) - 20} more", file=sys.stderr)
+    return EXIT_SKIPPED
 
-    return run_synth(args.out, patients=args.patients, seed=args.seed, form=args.form)
+
+def _cmd_synth(args) -> int:
+    from wbs_dist.schema import STUDY_TUMOR_TYPES
+    from wbs_dist.synth import write_archive
+
+    s = write_archive(args.out, args.patients, args.seed, args.form)
+    forms = ", ".join(f"{k} {v}" for k, v in s["dicom_forms"].items())
+    types = ", ".join(f"{t} {s['tumor_types'].get(t, 0)}" for t in STUDY_TUMOR_TYPES)
+    print(f"wrote {s['out']} ({s['archive_form']}, {s['bytes'] / 1e6:.1f} MB)")
+    print(f"  patients {s['patients']}, studies {s['studies']} ({s['annotated_studies']} annotated), "
+          f"lesions {s['lesions']}")
+    print(f"  malignant lesions {100 * s['malignant_lesion_fraction']:.1f} %, "
+          f"patients with metastasis {100 * s['metastatic_patient_fraction']:.1f} %; tumour types: {types}")
+    print(f"  DICOM files {s['dicom_files']}, mask PNGs {s['masks']}; studies by DICOM form: {forms}")
+    return EXIT_OK
 
 
 def _cmd_ingest(args) -> int:
-    from .ingest import run_ingest
+    from wbs_dist.data.ingest import ingest
 
-    return run_ingest(
-        args.archive,
-        store=args.store,
-        annotations=args.annotations,
-        secret_file=args.secret_file,
-        workers=args.workers,
-        train_size=args.train_size,
-        errors_path=args.errors,
-    )
+    r = ingest(args.archive, store=args.store, annotations=args.annotations, secret_file=args.secret_file,
+               workers=args.workers, train_size=args.train_size, errors_path=args.errors)
+    c = r.counts
+    print(f"store {r.store}: {c['studies']} studies ({r.written} new, {r.already} already there), "
+          f"{c['annotated_studies']} annotated, {c['lesions']} lesions ({c['malignant_lesions']} malignant)")
+    return _skipped("ingest", r.errors, r.errors_path)
 
 
 def _cmd_folds(args) -> int:
-    from .folds import run_folds
+    from wbs_dist.data.folds import write_folds
+    from wbs_dist.data.store import Store
 
-    return run_folds(args.store, k=args.k, seed=args.seed, force=args.force)
+    store = Store.open(args.store)
+    info = write_folds(store, args.k, args.seed, args.force)
+    print(f"{args.k} folds (seed {args.seed}, stratified on {info['stratified_on']}) written to {store.path}/folds")
+    print(f"{'fold':>4} {'patients':>9} {'malignant':>10} {'lesions':>8} {'malignant':>10}  tumour types")
+    for c in info["counts"]:
+        tt = ", ".join(f"{t} {n}" for t, n in c["tumor_types"].items() if n)
+        print(f"{c['fold']:>4} {c['patients']:>9} {c['malignant_patients'] / max(c['patients'], 1):>9.1%} "
+              f"{c['lesions']:>8} {c['malignant_lesions'] / max(c['lesions'], 1):>9.1%}  {tt}")
+    return EXIT_OK
 
 
 def _cmd_train(args) -> int:
-    from .train import run_train
+    from wbs_dist.config import load_config
+    from wbs_dist.train.ddp import detect
+    from wbs_dist.train.trainer import train_fold
 
-    return run_train(args.config, args.overrides, fold=args.fold, resume=args.resume)
+    result = train_fold(load_config(args.config, args.overrides), args.fold, require_resume=args.resume)
+    if detect().is_main:
+        auc = "n/a" if result.val_auc is None else f"{result.val_auc:.4f}"
+        print(f"fold {args.fold}: {result.epochs} epochs, validation AUC {auc}; predictions {result.predictions}")
+    return EXIT_OK
 
 
 def _cmd_cv(args) -> int:
-    from .cv import run_cv
+    from wbs_dist.config import load_config
+    from wbs_dist.evaluate.report import headline
+    from wbs_dist.launch.cv import cross_validate
 
-    return run_cv(args.config, args.overrides, launcher=args.launcher)
+    r = cross_validate(load_config(args.config, args.overrides), launcher=args.launcher)
+    for run in r.runs:
+        print(headline(run))
+    print(f"[cv] report: {r.report_dir / 'report.html'} (metrics: {r.report_dir / 'metrics.json'})")
+    return EXIT_OK
 
 
 def _cmd_tune(args) -> int:
-    from .tune import run_tune
+    from wbs_dist.launch.tune import METRIC, load_tune, results_markdown, tune
 
-    return run_tune(args.config, args.overrides)
+    spec, base = load_tune(args.config, args.overrides)
+    r = tune(spec, base)
+    print(results_markdown(r.rows, base.folds))
+    print(f"results: {r.experiment / 'results.csv'}, {r.experiment / 'results.md'}")
+    if r.best is None:
+        raise WbsError(f"no trial ran its {spec.max_epochs} epochs: no best config")
+    print(f"best: {r.experiment / 'best.yaml'} (lr {r.best['lr']:.3g}, batch {r.best['batch_size']}, "
+          f"mean val AUC {r.best[METRIC]:.4f}); train it with `wbs-dist cv {r.experiment / 'best.yaml'}`")
+    return EXIT_SKIPPED if r.errored else EXIT_OK
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from wbs_dist.demo import run_demo
+    from wbs_dist.infer.parts import summary_path
 
-    return run_demo(args.out, patients=args.patients, seed=args.seed, workers=args.workers)
+    r = run_demo(args.out, patients=args.patients, seed=args.seed, workers=args.workers)
+    pooled, mean = r.metrics["lesion"]["pooled"], r.metrics["lesion"]["mean"]
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    print(f"[demo] scores: {r.scores} (per study: {summary_path(r.scores)})")
+    print(f"[demo] 5/5 report: {r.report}")
+    print(f"[demo] lesion level, mean of {r.folds} folds: accuracy {pct(mean['accuracy'])}, sensitivity "
+          f"{pct(mean['sensitivity'])}, specificity {pct(mean['specificity'])}, AUC "
+          f"{'n/a' if mean['auc'] is None else format(mean['auc'], '.3f')}; pooled n = {pooled['n']}")
+    return EXIT_OK
 
 
 def _cmd_report(args) -> int:
-    from .report import run_report
+    from wbs_dist.evaluate.analysis import parse_threshold
+    from wbs_dist.evaluate.report import headline, write_report
 
-    return run_report(args.predictions, out=args.out, threshold=args.threshold)
+    runs = write_report(args.predictions, args.out, parse_threshold(args.threshold))
+    for run in runs:
+        print(headline(run))
+    print(f"report: {args.out / 'report.html'}")
+    return EXIT_OK
 
 
 def _cmd_score(args) -> int:
-    from .score import run_score
+    from wbs_dist.infer.score import score_archive
 
-    return run_score(args.archive, run=args.run, out=args.out, fold=args.fold, shard=args.shard,
-                     overlays=args.overlays, workers=args.workers, batch=args.batch,
-                     annotations=args.annotations, part_size=args.part_size)
+    r = score_archive(args.archive, run=args.run, out=args.out, fold=args.fold, shard=args.shard,
+                      overlays=args.overlays, workers=args.workers, batch=args.batch,
+                      annotations=args.annotations, part_size=args.part_size)
+    if r.shard is not None:
+        print(f"shard {r.shard[0]}/{r.shard[1]}: {r.scored} studies scored ({r.already} already done), "
+              f"{r.lesions} lesions, {r.seconds:.1f} s; run without --shard to write {r.out}")
+    else:
+        print(f"{r.out}: {r.merged[0]} studies, {r.merged[1]} lesions ({r.scored} studies scored now, {r.already} "
+              f"already done, {r.seconds:.1f} s); summary {r.summary_path}")
+    return _skipped("score", r.errors, r.errors_path, "not scored")
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str):
+    from wbs_dist.config import Size
+
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 512x256, got {text!r}")
-    if h < 8 or w < 8 or w % 2:
-        raise argparse.ArgumentTypeError(f"size {text!r}: both sides >= 8 and an even width (two views)")
-    return h, w
+        return Size.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _config_epilog() -> str:
+    from wbs_dist.config import help_text
+
+    return ("config keys (in the YAML file, or key=value after it; keys marked [may change on resume] can differ "
+            "when a fold resumes, the others are refused):\n" + help_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HMAC secret for pseudonyms, kept outside the store (default: "
                    "$WBS_DIST_SECRET_FILE or ~/.config/wbs_dist/secret; created 0600 on first use)")
     s.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
-    s.add_argument("--train-size", type=_size, default=(512, 256),
+    s.add_argument("--train-size", type=_size, default="512x256",
                    help="training-resolution level HEIGHTxWIDTH, both views side by side (default 512x256)")
     s.add_argument("--errors", type=Path, default=None,
                    help="CSV listing skipped inputs and reasons (default: STORE.errors.csv beside the store)")
@@ -143,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_folds)
 
     s = sub.add_parser("train", help="train one fold (one process, or one rank under torchrun/srun)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(),
                        description="Train on the other folds and validate on fold K every epoch. Under torchrun "
                        "or srun the same command runs DDP (ranks from the environment). Resumes automatically "
                        "from RUN_DIR/fold<K>/last.pt; exits 75 when preempted (SIGUSR2/SIGTERM) after saving.")
@@ -153,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("cv", help="all folds (locally or as SLURM jobs), then the report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog(),
                        description="Run the k folds of the cross-validation and write RUN_DIR/predictions.csv "
                        "and RUN_DIR/report/. --launcher slurm submits a job array through submitit (one DDP "
                        "job per fold), requeues preempted folds and retries failed ones. Finished folds are skipped.")
@@ -174,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_tune)
 
     s = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic archive",
-                       description="Synthesise an archive, ingest it and print what was made: the README's "
-                       "first command. Rerunning reuses what is already there.")
+                       description="The README's first command: synthesise an archive, ingest it, run the "
+                       "five-fold cross-validation locally with configs/local.yaml, write the report and score a "
+                       "held-out synthetic archive with the fold models. Rerunning reuses what is already there.")
     s.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
     s.add_argument("--patients", type=int, default=60, help="synthetic patients (default 60)")
     s.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive")

@@ -1,104 +1,155 @@
-"""Typed run configuration: one flat dataclass, YAML files, `key=value` overrides, checked loudly.
+"""Typed run configuration: YAML files and `key=value` overrides, every key checked and documented.
 
-The YAML files under configs/ are runnable documentation; every key is declared here with its type,
-default and a check, so an unknown key or a wrong type fails before any work starts, naming the key.
+Each key is a dataclass field that carries its own metadata (`key(...)`): help text, a check, and
+whether it affects results. The YAML files under configs/ are runnable documentation; `wbs-dist train
+--help` lists every key with its help. An unknown key or a wrong type fails before any work starts,
+naming the key.
+
+`affects_results` decides what a resumed run may change: a fold rerun with more wall time, another
+partition or more epochs resumes; a changed lr is refused (`resume_differences`). It is derived from
+the fields, so a new key cannot be forgotten: it must say which it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Callable, NamedTuple, get_type_hints
 
 import yaml
 
-from .errors import ConfigError
+from wbs_dist.errors import ConfigError
 
-# Mirrors models.MODELS (tested) so reading a config does not import torch.
+# The study's network and its three comparisons, then resnet18: a small backbone for CPU tests,
+# laptops and the demo. Defined here, not in train/models.py, so reading a config does not import torch.
 MODELS = ("resnet50", "inception_v3", "vgg16", "densenet169", "resnet18")
+
+
+class Size(NamedTuple):
+    """A training size HEIGHTxWIDTH: both views side by side, so the width is even."""
+
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.height}x{self.width}"
+
+    @classmethod
+    def parse(cls, value: Any) -> "Size":
+        """'512x256', [512, 256] or (512, 256); ValueError naming what was wrong."""
+        if isinstance(value, str):
+            parts = value.lower().replace(" ", "").split("x")
+        elif isinstance(value, (list, tuple)):
+            parts = list(value)
+        else:
+            raise ValueError(f"expected HEIGHTxWIDTH such as 512x256, got {value!r}")
+        try:
+            if len(parts) != 2 or any(isinstance(p, (bool, float)) for p in parts):
+                raise ValueError
+            h, w = (int(p) for p in parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected HEIGHTxWIDTH such as 512x256, got {value!r}") from None
+        if h < 8 or w < 8 or w % 2:
+            raise ValueError(f"{value!r}: both sides >= 8 and an even width (two views side by side)")
+        return cls(h, w)
+
+
+def key(default: Any, help: str, check: Callable[[Any], str | None] | None = None,
+        affects_results: bool = True) -> Any:
+    """A config field: its default, one line of help, a check returning an error string or None,
+    and whether a resumed run must keep its value."""
+    meta = {"help": help, "check": check, "affects_results": affects_results}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(low, strict: bool = False) -> Callable[[Any], str | None]:
+    if strict:
+        return lambda v: None if v > low else f"must be > {low}"
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def one_of(*allowed) -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else f"must be one of {', '.join(map(str, allowed))}"
 
 
 @dataclass
 class Config:
     # --- data -----------------------------------------------------------------------------------
-    store: str = "data/store.zarr"            # Zarr store written by `wbs-dist ingest`
-    image_height: int = 512                   # training input height (rows), the study's 512
-    image_width: int = 256                    # training input width: anterior | posterior side by side
-    other_lesions_channel: bool = True        # third channel: mask of the study's other lesions
+    store: str = key("data/store.zarr", "Zarr store written by `wbs-dist ingest`")
+    train_size: Size = key(Size(512, 256), "network input HEIGHTxWIDTH, anterior | posterior side by side; "
+                           "the store's training level (ingest --train-size) must match",
+                           lambda v: None if v.height >= 32 and v.width >= 32 else "both sides must be >= 32")
+    other_lesions_channel: bool = key(True, "third input channel: the mask of the study's other lesions")
     # --- folds ----------------------------------------------------------------------------------
-    folds: int = 5                            # k of the patient-grouped cross-validation
-    fold_seed: int = 0                        # seed of the split; results depend on it
+    folds: int = key(5, "k of the patient-grouped cross-validation", at_least(2))
+    fold_seed: int = key(0, "seed of the split; results depend on it", at_least(0))
     # --- model ----------------------------------------------------------------------------------
-    model: str = "resnet50"                   # resnet50 | inception_v3 | vgg16 | densenet169 (| resnet18: tests)
-    weights: str = "imagenet"                 # imagenet (from the torch hub cache) | none
+    model: str = key("resnet50", "resnet50 | inception_v3 | vgg16 | densenet169 (| resnet18: small, for tests)",
+                     one_of(*MODELS))
+    weights: str = key("imagenet", "imagenet (read from the torch hub cache, never downloaded) | none",
+                       one_of("imagenet", "none"))
     # --- optimisation (the study: Adam, lr 1e-3, batch 8, 300 epochs, flip 0.5) -------------------
-    epochs: int = 300
-    batch_size: int = 8                       # per step, summed over all ranks
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "constant"                # constant (the study) | cosine (decays to 0 after warm-up)
-    warmup_epochs: int = 0                    # linear warm-up epochs before the schedule
-    grad_clip: float = 0.0                    # max gradient norm; 0 = no clipping
-    class_weighting: bool = False             # weight malignant by benign/malignant count of the training folds
-    flip_p: float = 0.5                       # random horizontal flip, training only
-    seed: int = 0                             # every RNG (Python, NumPy, torch, DALI) derives from it
-    # --- speed (CUDA only; ignored on CPUs) --------------------------------------------------------
-    bf16: bool = True                         # bf16 autocast + channels_last
-    compile: bool = False                     # torch.compile the model (slow start, faster steps)
-    deterministic: bool = False               # torch deterministic algorithms (bitwise-reproducible GPU runs)
-    # --- run --------------------------------------------------------------------------------------
-    run_dir: str = "runs/baseline"            # checkpoints, logs, predictions: RUN_DIR/fold<K>/
-    num_workers: int = 2                      # loader worker processes per rank (0 = in-process)
-    checkpoint_every: int = 200               # steps between mid-epoch checkpoints (0 = epoch ends only)
-    dist_timeout_s: float = 600.0             # bound on every DDP collective: a dead rank fails the job
+    epochs: int = key(300, "training epochs; a finished or running fold may be given more", at_least(1),
+                      affects_results=False)
+    batch_size: int = key(8, "samples per step, summed over all ranks", at_least(1))
+    lr: float = key(1e-3, "Adam learning rate", at_least(0, strict=True))
+    weight_decay: float = key(0.0, "Adam weight decay", at_least(0))
+    schedule: str = key("constant", "constant (the study) | cosine (decays to 0 after warm-up)",
+                        one_of("constant", "cosine"))
+    warmup_epochs: int = key(0, "linear warm-up epochs before the schedule", at_least(0))
+    grad_clip: float = key(0.0, "max gradient norm; 0 = no clipping", at_least(0))
+    class_weighting: bool = key(False, "weight malignant by benign/malignant count of the training folds")
+    flip_p: float = key(0.5, "random horizontal flip of each view, training only",
+                        lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    seed: int = key(0, "every RNG (Python, NumPy, torch, DALI) derives from it", at_least(0))
+    # --- numerics (CUDA only; ignored on CPUs) -----------------------------------------------------
+    bf16: bool = key(True, "CUDA: bf16 autocast + channels_last")
+    compile: bool = key(False, "CUDA: torch.compile the model (slow start, faster steps)")
+    deterministic: bool = key(False, "torch deterministic algorithms (bitwise-reproducible GPU runs)")
+    # --- run: where and how fast; a resumed run may change these ---------------------------------------
+    run_dir: str = key("runs/baseline", "checkpoints, logs, predictions: RUN_DIR/fold<K>/", affects_results=False)
+    num_workers: int = key(2, "loader worker processes per rank (0 = in-process)", at_least(0),
+                           affects_results=False)
+    checkpoint_every: int = key(200, "steps between mid-epoch checkpoints (0 = epoch ends only)", at_least(0),
+                                affects_results=False)
+    dist_timeout_s: float = key(600.0, "bound on every DDP collective: a dead rank fails the job",
+                                at_least(0, strict=True), affects_results=False)
     # --- SLURM (`wbs-dist cv --launcher slurm`): one DDP job per fold, submitted as a job array ---------
-    slurm_partition: str = ""                 # empty: the cluster's default partition
-    slurm_account: str = ""                   # empty: your default account
-    slurm_nodes: int = 1                      # nodes per fold
-    slurm_gpus_per_node: int = 0              # 0 on CPU-only clusters
-    slurm_tasks_per_node: int = 1             # DDP ranks per node (one per GPU)
-    slurm_cpus_per_task: int = 8              # loader workers + the rank itself
-    slurm_mem_gb: int = 64                    # per node
-    slurm_time_min: int = 2880                # per fold job; a timed-out or preempted fold requeues and resumes
-    slurm_signal_delay_s: int = 120           # SIGUSR2 this long before the time limit: time to checkpoint
-    slurm_max_retries: int = 2                # resubmissions of a failed fold (requeues do not count)
-    slurm_setup: str = ""                     # shell lines run first in each fold job (module load, venv)
-
-    # Checks per key: return an error string or None.
-    _CHECKS = {
-        "image_height": lambda v: None if v >= 32 else "must be >= 32",
-        "image_width": lambda v: None if v >= 32 and v % 2 == 0 else "must be an even number >= 32",
-        "folds": lambda v: None if v >= 2 else "must be >= 2",
-        "model": lambda v: None if v in MODELS else f"must be one of {', '.join(MODELS)}",
-        "weights": lambda v: None if v in ("imagenet", "none") else "must be imagenet or none",
-        "epochs": lambda v: None if v >= 1 else "must be >= 1",
-        "batch_size": lambda v: None if v >= 1 else "must be >= 1",
-        "lr": lambda v: None if v > 0 else "must be > 0",
-        "weight_decay": lambda v: None if v >= 0 else "must be >= 0",
-        "flip_p": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
-        "schedule": lambda v: None if v in ("constant", "cosine") else "must be constant or cosine",
-        "warmup_epochs": lambda v: None if v >= 0 else "must be >= 0",
-        "grad_clip": lambda v: None if v >= 0 else "must be >= 0",
-        "checkpoint_every": lambda v: None if v >= 0 else "must be >= 0",
-        "dist_timeout_s": lambda v: None if v > 0 else "must be > 0",
-        "slurm_nodes": lambda v: None if v >= 1 else "must be >= 1",
-        "slurm_gpus_per_node": lambda v: None if v >= 0 else "must be >= 0",
-        "slurm_tasks_per_node": lambda v: None if v >= 1 else "must be >= 1",
-        "slurm_cpus_per_task": lambda v: None if v >= 1 else "must be >= 1",
-        "slurm_mem_gb": lambda v: None if v >= 1 else "must be >= 1",
-        "slurm_time_min": lambda v: None if v >= 1 else "must be >= 1",
-        "slurm_signal_delay_s": lambda v: None if v >= 0 else "must be >= 0",
-        "slurm_max_retries": lambda v: None if v >= 0 else "must be >= 0",
-        "num_workers": lambda v: None if v >= 0 else "must be >= 0",
-    }
+    slurm_partition: str = key("", "partition; empty: the cluster's default", affects_results=False)
+    slurm_account: str = key("", "account; empty: your default", affects_results=False)
+    slurm_nodes: int = key(1, "nodes per fold", at_least(1), affects_results=False)
+    slurm_gpus_per_node: int = key(0, "GPUs per node; 0 on CPU-only clusters", at_least(0), affects_results=False)
+    slurm_tasks_per_node: int = key(1, "DDP ranks per node (one per GPU)", at_least(1), affects_results=False)
+    slurm_cpus_per_task: int = key(8, "CPUs per rank: loader workers + the rank itself", at_least(1),
+                                   affects_results=False)
+    slurm_mem_gb: int = key(64, "memory per node, GB", at_least(1), affects_results=False)
+    slurm_time_min: int = key(2880, "time limit per fold job; a timed-out or preempted fold requeues and resumes",
+                              at_least(1), affects_results=False)
+    slurm_signal_delay_s: int = key(120, "SIGUSR2 this long before the time limit: time to checkpoint",
+                                    at_least(0), affects_results=False)
+    slurm_max_retries: int = key(2, "resubmissions of a failed fold (requeues do not count)", at_least(0),
+                                 affects_results=False)
+    slurm_setup: str = key("", "shell lines run first in each fold job (module load, venv)", affects_results=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON data (the training size as 'HxW')."""
+        return {f.name: (str(v) if isinstance(v, Size) else v) for f in fields(self) for v in [getattr(self, f.name)]}
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
+# Keys of earlier versions, read from old run directories and checkpoints: name -> what replaced it.
+LEGACY_KEYS = {"image_height": "train_size", "image_width": "train_size"}
+
+
+def coerce(key: str, value: Any, typ: Any, what: str = "config key") -> Any:
     """Convert a YAML or command-line value to the declared type, or fail naming the key."""
+    if typ is Size:
+        try:
+            return Size.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{what} {key!r}: {exc}") from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -123,15 +174,53 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"config key {key!r}: expected {typ.__name__}, got {value!r}")
+    raise ConfigError(f"{what} {key!r}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
 
 
-def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+def check(obj, what: str = "config key") -> None:
+    """Run every field's own check; the first failure names its key."""
+    for f in fields(obj):
+        test = f.metadata.get("check")
+        problem = test(getattr(obj, f.name)) if test else None
+        if problem:
+            value = getattr(obj, f.name)
+            raise ConfigError(f"{what} {f.name!r}: {problem} (got {str(value) if isinstance(value, Size) else value!r})")
+
+
+def describe(cls) -> list[dict]:
+    """Every key of a config dataclass: name, type, default, help, affects_results."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append({"name": f.name, "type": getattr(hints[f.name], "__name__", str(hints[f.name])),
+                    "default": str(default) if isinstance(default, Size) else default,
+                    "help": f.metadata.get("help", ""), "affects_results": f.metadata.get("affects_results", True)})
+    return out
+
+
+def result_keys(cls=Config) -> set[str]:
+    """The keys a resumed run must keep: those whose metadata says they affect results."""
+    return {f.name for f in fields(cls) if f.metadata.get("affects_results", True)}
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str, legacy: dict) -> None:
     types = get_type_hints(Config)
-    names = {f.name for f in fields(Config)}
-    if key not in names:
+    if key in LEGACY_KEYS:
+        legacy[key] = value
+        return
+    if key not in types:
         raise ConfigError(f"unknown config key {key!r} ({where})")
-    setattr(cfg, key, _coerce(key, value, types[key]))
+    setattr(cfg, key, coerce(key, value, types[key]))
+
+
+def _resolve_legacy(cfg: Config, legacy: dict, where: str) -> None:
+    if not legacy:
+        return
+    if set(legacy) != {"image_height", "image_width"}:
+        raise ConfigError(f"config keys 'image_height'/'image_width' ({where}) are replaced by "
+                          f"'train_size' (HEIGHTxWIDTH, e.g. train_size=512x256)")
+    cfg.train_size = coerce("train_size", [legacy["image_height"], legacy["image_width"]], Size)
 
 
 def read_mapping(path: Path, what: str = "config file") -> dict:
@@ -165,17 +254,49 @@ def parse_override(item: str) -> tuple[str, Any]:
 def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `key=value` overrides; all checked."""
     cfg = Config()
+    legacy: dict = {}
     if path is not None:
-        for key, value in read_mapping(path).items():
-            _apply(cfg, str(key), value, f"in {path}")
+        for k, value in read_mapping(path).items():
+            _apply(cfg, str(k), value, f"in {path}", legacy)
+        _resolve_legacy(cfg, legacy, f"in {path}")
+    legacy = {}
     for item in overrides:
-        _apply(cfg, *parse_override(item), "command-line override")
-    for key, check in Config._CHECKS.items():
-        problem = check(getattr(cfg, key))
-        if problem:
-            raise ConfigError(f"config key {key!r}: {problem} (got {getattr(cfg, key)!r})")
+        _apply(cfg, *parse_override(item), "command-line override", legacy)
+    _resolve_legacy(cfg, legacy, "command-line override")
+    check(cfg)
     return cfg
 
 
+def config_from_dict(data: dict, where: str = "saved config") -> Config:
+    """A Config from plain data (`Config.to_dict()`, a checkpoint's or a queued job's), checked; keys of
+    earlier versions are read too."""
+    cfg = Config()
+    legacy: dict = {}
+    for k, value in data.items():
+        _apply(cfg, str(k), value, where, legacy)
+    _resolve_legacy(cfg, legacy, where)
+    check(cfg)
+    return cfg
+
+
+def resume_differences(saved: dict, now: Config) -> list[str]:
+    """'key: old -> new' for every key that affects results and differs from the saved run's."""
+    before = config_from_dict(saved).to_dict()
+    after = now.to_dict()
+    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in sorted(result_keys()) if before[k] != after[k]]
+
+
+def help_text(cls=Config) -> str:
+    """Every key with its default and help, for `--help` epilogs."""
+    lines = []
+    for d in describe(cls):
+        mark = "" if d["affects_results"] else "  [may change on resume]"
+        default = repr(d["default"]) if isinstance(d["default"], str) and d["default"] == "" else d["default"]
+        lines.append(f"  {d['name']} = {default}  ({d['type']}){mark}\n      {d['help']}")
+    return "\n".join(lines)
+
+
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from wbs_dist.atomic import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

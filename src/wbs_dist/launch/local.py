@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..config import Config
-from ..train import FoldResult, train_fold
+from wbs_dist.config import Config
+from wbs_dist.train.rundir import FoldResult
+from wbs_dist.train.trainer import train_fold
 
 
 def run_folds_local(cfg: Config) -> list[FoldResult]:

@@ -15,7 +15,6 @@ polling sacct, and then:
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import time
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import submitit
 
-from ..config import Config
-from ..errors import WbsError
-from ..train import Preempted, fold_dir, train_fold
+from wbs_dist.config import Config, config_from_dict
+from wbs_dist.errors import WbsError
+from wbs_dist.train.rundir import FoldDir
+from wbs_dist.train.trainer import Preempted, train_fold
 
 # sacct states after which a job will not run again by itself (a requeued job goes back to PENDING).
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
@@ -40,10 +40,10 @@ class FoldJob(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, cfg: dict):
-        self.cfg = cfg
+        self.cfg = cfg      # plain data (Config.to_dict()): a queued job unpickles whatever version runs it
 
     def __call__(self, fold: int) -> dict:
-        cfg = Config(**self.cfg)
+        cfg = config_from_dict(self.cfg, "the fold job's config")
         try:
             result = train_fold(cfg, fold)
         except Preempted:
@@ -103,11 +103,11 @@ def _failure(job) -> str:
 
 def run_folds_slurm(cfg: Config, poll_s: float = 5.0) -> None:
     executor = _executor(cfg)
-    todo = [k for k in range(cfg.folds) if not (fold_dir(cfg, k) / "done.json").exists()]
+    todo = [k for k in range(cfg.folds) if not FoldDir.of(cfg, k).is_finished()]
     if not todo:
         print("[cv] every fold is finished already", flush=True)
         return
-    payload = FoldJob(dataclasses.asdict(cfg))
+    payload = FoldJob(cfg.to_dict())
     with executor.batch():
         jobs = {k: executor.submit(payload, k) for k in todo}
     attempts = {k: 1 for k in todo}
@@ -125,7 +125,7 @@ def run_folds_slurm(cfg: Config, poll_s: float = 5.0) -> None:
             if state not in TERMINAL:
                 continue
             del jobs[k]
-            if (fold_dir(cfg, k) / "done.json").exists():
+            if FoldDir.of(cfg, k).is_finished():
                 print(f"[cv] fold {k} finished", flush=True)
                 continue
             why = _failure(job)

@@ -18,7 +18,7 @@ the Dataset bit for bit.
 
 Inputs per sample: image (H, W) float32, labels (H, W) uint16, lesion id (1,) uint16, flip (1,)
 int32. Output: (C, H, W) float32 with C = 3 (image, lesion, other lesions) or 2 (no other-lesions
-channel), as defined in dataset.py.
+channel), as defined in wbs_dist.preprocess (`make_input`, `mirror_views`: the reference it is tested against).
 """
 
 from __future__ import annotations

@@ -25,25 +25,25 @@ import asyncio
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
-from PIL import Image
-from scipy import ndimage
 from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.core.group import AsyncGroup
 from zarr.core.sync import sync as zarr_sync
 
-from .errors import UsageError
+from wbs_dist.atomic import fsync_dir, publish_dir, sync_tree
+from wbs_dist.errors import UsageError
+from wbs_dist.preprocess import count_scale, training_level
+from wbs_dist.schema import BURDEN_GROUPS, BURDEN_TEXT, LABEL_CODES, TUMOR_TYPES, VIEWS, burden_group, view_order
+
+if TYPE_CHECKING:
+    from wbs_dist.data.studies import StudyData
 
 FORMAT = "wbs_dist.store"
 VERSION = 1
-VIEWS = ("anterior", "posterior")            # left and right halves of the training image
-TUMOR_TYPES = ("lung", "prostate", "breast", "other")
-LABELS = {"benign": 0, "malignant": 1}
-BURDEN_GROUPS = ("few", "medium", "extensive")
 
 # Counts are small integers with long zero runs: bit-shuffle + zstd compresses them losslessly to
 # well under the size of the DICOM files; level 1 compresses within 2 % of level 5 at a third of the
@@ -59,7 +59,7 @@ LESION_COLUMNS = {
     "label": ("int8", "1 malignant, 0 benign"),
     "tumor_type": ("int8", "index into attrs.tumor_types"),
     "burden": ("int16", "number of lesions in the study"),
-    "burden_group": ("int8", "index into attrs.burden_groups: few 1-3, medium 4-6, extensive > 6"),
+    "burden_group": ("int8", f"index into attrs.burden_groups ({BURDEN_TEXT})"),
     "area": ("int32", "lesion area in native pixels"),
     "area_train": ("int32", "lesion area at the training resolution"),
 }
@@ -79,93 +79,12 @@ class StoreError(UsageError):
     """The store is missing, of another layout, or lacks what is asked of it."""
 
 
-def burden_group(n: int) -> str:
-    return "few" if n <= 3 else ("medium" if n <= 6 else "extensive")
-
-
 def key_to_int(key: str) -> int:
     return int(key, 16)
 
 
 def int_to_key(value: int) -> str:
     return f"{int(value):016x}"
-
-
-# -- resampling to the training level ------------------------------------------------------------
-def resample_counts(view: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Area (box) resampling: each output pixel is the mean count of the input area it covers."""
-    img = Image.fromarray(np.asarray(view, dtype=np.float32), mode="F")
-    return np.asarray(img.resize((width, height), Image.Resampling.BOX), dtype=np.float32)
-
-
-def resample_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Label map at a lower resolution: a pixel takes the lesion covering most of its area when that
-    lesion covers at least half of it; every lesion keeps at least its best-covered pixel so that
-    small lesions never vanish from the training level."""
-    out = np.zeros((height, width), np.uint16)
-    best = np.zeros((height, width), np.float32)
-    sy, sx = labels.shape[0] / height, labels.shape[1] / width
-    # One pass finds every lesion's bounding box; each lesion is then resampled over the output
-    # pixels its box touches, not over the whole view.
-    for index, found in enumerate(ndimage.find_objects(labels)):
-        if found is None:
-            continue
-        lid = index + 1
-        rows, cols = found
-        y0, y1 = int(rows.start // sy), min(height, int(np.ceil(rows.stop / sy)))
-        x0, x1 = int(cols.start // sx), min(width, int(np.ceil(cols.stop / sx)))
-        ys, xs = slice(int(y0 * sy), min(labels.shape[0], int(np.ceil(y1 * sy)))), \
-            slice(int(x0 * sx), min(labels.shape[1], int(np.ceil(x1 * sx))))
-        patch = (labels[ys, xs] == lid).astype(np.float32)
-        img = Image.fromarray(patch, mode="F")
-        cover = np.asarray(img.resize((x1 - x0, y1 - y0), Image.Resampling.BOX,
-                                      box=(x0 * sx - xs.start, y0 * sy - ys.start,
-                                           x1 * sx - xs.start, y1 * sy - ys.start)), dtype=np.float32)
-        region_best = best[y0:y1, x0:x1]
-        take = (cover >= 0.5) & (cover > region_best)
-        if not take.any():
-            take = np.zeros_like(take)
-            take[np.unravel_index(np.argmax(cover), cover.shape)] = True
-        out[y0:y1, x0:x1][take] = lid
-        region_best[take] = cover[take]
-    return out
-
-
-def training_level(views: dict[str, np.ndarray], labels: dict[str, np.ndarray], height: int,
-                   width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training level of a study: anterior | posterior side by side, each view area-resampled to
-    (height, width / 2); zeros where a view is absent. Views of other names are not placed."""
-    image = np.zeros((height, width), np.float32)
-    out = np.zeros((height, width), np.uint16)
-    half = width // 2
-    for i, view in enumerate(VIEWS):
-        if view in views:
-            image[:, i * half:(i + 1) * half] = resample_counts(views[view], height, half)
-        if view in labels:
-            out[:, i * half:(i + 1) * half] = resample_labels(labels[view], height, half)
-    return image, out
-
-
-def count_scale(image: np.ndarray) -> float:
-    """The count normalisation: the 99th percentile of the body's counts at the training level.
-
-    Scans differ in injected activity, uptake time and acquisition speed, so raw counts are not
-    comparable between patients. Dividing by a high percentile of the body (pixels > 0) maps typical
-    skeletal uptake below ~1 while hot spots and the bladder stay above 1, in every scan alike; a
-    percentile rather than the maximum so one hot bladder does not darken the whole skeleton.
-    """
-    body = image[image > 0]
-    if body.size == 0:
-        return 1.0
-    return max(float(np.percentile(body, 99.0)), 1e-6)
-
-
-@dataclass
-class StudyData:
-    key: str
-    attrs: dict                                 # JSON-able; see ingest for the fields
-    views: dict[str, np.ndarray]                # view name -> native pixels
-    labels: dict[str, np.ndarray]               # view name -> native uint16 label map
 
 
 class Store:
@@ -237,7 +156,7 @@ class Store:
         native = g["native"][...]
         return dict(zip(g.attrs["views"], native))
 
-    def write_study(self, data: StudyData) -> bool:
+    def write_study(self, data: "StudyData") -> bool:
         """Write a study atomically. False when it was already there (a concurrent or earlier run)."""
         final = self.path / "studies" / data.key
         if final.exists():
@@ -247,7 +166,7 @@ class Store:
         attrs = dict(data.attrs)
         attrs["count_scale"] = count_scale(image)
         attrs["lesions"] = [dict(les, area_train=areas.get(les["lesion_id"], 0)) for les in attrs.get("lesions", [])]
-        names = sorted(data.views, key=lambda v: (VIEWS.index(v) if v in VIEWS else len(VIEWS), v))
+        names = sorted(data.views, key=view_order)
         # A study is one array per kind, not one per view: zarr-python's per-array cost, not I/O,
         # dominated ingest time with one array per view (bench/ingest).
         arrays = {"native": np.stack([data.views[v] for v in names]),
@@ -262,13 +181,9 @@ class Store:
         # One trip into zarr's event loop for the whole study: per-call sync overhead, not I/O, is
         # what a study costs when each array is created through the synchronous API.
         zarr_sync(_write_group(str(tmp), attrs, arrays))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if final.exists():  # another worker won the race with the same study
-                shutil.rmtree(tmp, ignore_errors=True)
-                return False
-            raise
+        if not publish_dir(tmp, final):        # another worker won the race with the same study
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
         return True
 
     # -- store-wide groups, replaced whole ------------------------------------------------------------
@@ -282,10 +197,13 @@ class Store:
         """Replace store/<name> by its staged copy with two renames: a reader sees the old or the new
         group, never a mix (a crash between them leaves none, and the rerun rebuilds it)."""
         final = self.path / name
+        staged = self.staging() / f"{name}.{os.getpid()}"
         old = self.staging() / f"{name}.old.{os.getpid()}"
+        sync_tree(staged)
         if final.exists():
             os.rename(final, old)
-        os.rename(self.staging() / f"{name}.{os.getpid()}", final)
+        os.rename(staged, final)
+        fsync_dir(self.path)
         shutil.rmtree(old, ignore_errors=True)
 
     # -- lesion table ----------------------------------------------------------------------------------
@@ -303,7 +221,7 @@ class Store:
                 cols["patient"].append(key_to_int(attrs["patient"]))
                 cols["lesion_id"].append(les["lesion_id"])
                 cols["view"].append(VIEWS.index(les["view"]))
-                cols["label"].append(LABELS[les["label"]])
+                cols["label"].append(LABEL_CODES[les["label"]])
                 cols["tumor_type"].append(TUMOR_TYPES.index(attrs["tumor_type"]))
                 cols["burden"].append(len(lesions))
                 cols["burden_group"].append(BURDEN_GROUPS.index(burden_group(len(lesions))))
@@ -311,7 +229,7 @@ class Store:
                 cols["area_train"].append(les["area_train"])
         g = self.staged_group("lesions")
         g.attrs.update({"views": list(VIEWS), "tumor_types": list(TUMOR_TYPES), "burden_groups": list(BURDEN_GROUPS),
-                        "labels": {"0": "benign", "1": "malignant"},
+                        "labels": {str(code): name for name, code in LABEL_CODES.items()},
                         "columns": {k: v[1] for k, v in LESION_COLUMNS.items()}, "rows": len(cols["study"])})
         for name, (dtype, _) in LESION_COLUMNS.items():
             arr = np.asarray(cols[name], dtype=dtype)

@@ -17,7 +17,8 @@ import os
 import secrets
 from pathlib import Path
 
-from .errors import UsageError
+from wbs_dist.atomic import PRIVATE, create_once
+from wbs_dist.errors import UsageError
 
 SECRET_ENV = "WBS_DIST_SECRET_FILE"
 
@@ -54,18 +55,9 @@ def load_or_create_secret(path: Path | None = None) -> bytes:
             raise UsageError(f"secret file {path} is too short to be a secret (need >= 32 bytes)")
         return data
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = secrets.token_hex(32).encode()
-    # O_EXCL: two processes creating the secret at once must not end with different secrets.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data + b"\n")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
+    # Two processes creating the secret at once must not end with different secrets: the first wins,
+    # and both read back the winner's.
+    create_once(path, secrets.token_hex(32).encode() + b"\n", mode=PRIVATE)
     return load_or_create_secret(path)
 
 

@@ -37,7 +37,7 @@ others. The training loop uses one rule for every model:
 The auxiliary classifier needs an input of at least 299 x 299 (INCEPTION_AUX_MIN_SIZE): it is turned
 on only when `input_size=(H, W)` is given and both sides reach that size, so at the study's
 512 x 256 it is off. inception_v3 without it needs at least 75 x 75 (INCEPTION_MIN_SIZE); a smaller
-`input_size` is a ConfigError naming image_height / image_width.
+`input_size` is a ConfigError naming train_size.
 
 `dropout`: None keeps each architecture's own head (vgg16: two dropouts of 0.5; inception_v3: one of
 0.5; resnet50 and densenet169: none); a number sets those dropouts to it and, for resnet50 and
@@ -57,11 +57,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.inception import InceptionOutputs
 
-from .errors import ConfigError, UsageError
+from wbs_dist.config import MODELS
+from wbs_dist.errors import ConfigError, UsageError
 
-# The study's network and its three comparisons, then resnet18: a small backbone for CPU tests,
-# laptops and the demo (same adaptation as resnet50), not part of the study.
-MODELS = ("resnet50", "inception_v3", "vgg16", "densenet169", "resnet18")
 AUX_LOSS_WEIGHT = 0.4
 INCEPTION_MIN_SIZE = 75
 INCEPTION_AUX_MIN_SIZE = 299
@@ -119,7 +117,7 @@ def build_model(
     if weights not in ("imagenet", "none"):
         raise ConfigError(f"config key 'weights': must be imagenet or none (got {weights!r})")
     if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"config key 'dropout': must be in [0, 1) (got {dropout!r})")
+        raise ValueError(f"build_model: dropout must be in [0, 1) (got {dropout!r})")
     aux = name == "inception_v3" and _inception_aux_fits(input_size)
     pretrained = weights == "imagenet"
     model = _backbone(name, aux, pretrained)
@@ -171,10 +169,9 @@ def _inception_aux_fits(input_size: tuple[int, int] | None) -> bool:
         return False
     h, w = input_size
     if h < INCEPTION_MIN_SIZE or w < INCEPTION_MIN_SIZE:
-        key = "image_height" if h < INCEPTION_MIN_SIZE else "image_width"
         raise ConfigError(
-            f"config key {key!r}: inception_v3 needs inputs of at least "
-            f"{INCEPTION_MIN_SIZE} x {INCEPTION_MIN_SIZE} px (got {h} x {w})"
+            f"config key 'train_size': inception_v3 needs inputs of at least "
+            f"{INCEPTION_MIN_SIZE} x {INCEPTION_MIN_SIZE} px (got {h}x{w})"
         )
     return h >= INCEPTION_AUX_MIN_SIZE and w >= INCEPTION_AUX_MIN_SIZE
 

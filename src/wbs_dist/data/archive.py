@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import UsageError
+from wbs_dist.errors import UsageError
 
 
 @dataclass(frozen=True)

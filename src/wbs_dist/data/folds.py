@@ -17,8 +17,9 @@ import numpy as np
 import zarr
 from sklearn.model_selection import StratifiedGroupKFold
 
-from .errors import UsageError
-from .store import TUMOR_TYPES, Store, StoreError, int_to_key
+from wbs_dist.data.store import Store, StoreError, int_to_key
+from wbs_dist.errors import ConfigError, UsageError
+from wbs_dist.schema import TUMOR_TYPES
 
 
 def assign_folds(patient: np.ndarray, label: np.ndarray, tumor_type: np.ndarray, k: int, seed: int
@@ -49,7 +50,7 @@ def assign_folds(patient: np.ndarray, label: np.ndarray, tumor_type: np.ndarray,
 
 
 def write_folds(store: Store, k: int, seed: int, force: bool = False) -> dict:
-    if (store.path / "folds" / "zarr.json").exists() and not force:
+    if has_folds(store) and not force:
         have = store.root["folds"].attrs
         raise UsageError(f"store {store.path} already has {have['k']} folds (seed {have['seed']}); results depend "
                          f"on them, so they are not replaced: pass --force to make new ones")
@@ -83,7 +84,7 @@ def fold_summary(table: dict, patients: np.ndarray, fold: np.ndarray, k: int) ->
 
 def read_folds(store: Store) -> tuple[np.ndarray, np.ndarray, dict]:
     """(patients sorted, fold per patient, attrs). Raises StoreError when the store has none."""
-    if not (store.path / "folds" / "zarr.json").exists():
+    if not has_folds(store):
         raise StoreError(f"store {store.path} has no folds: run `wbs-dist folds {store.path}`")
     g = zarr.open_group(str(store.path / "folds"), mode="r", zarr_format=3)
     return g["patient"][...], g["fold"][...], dict(g.attrs)
@@ -103,13 +104,22 @@ def lesion_folds(store: Store, table: dict) -> np.ndarray:
     return fold[pos]
 
 
-def run_folds(store_path, k: int, seed: int, force: bool) -> int:
-    store = Store.open(store_path)
-    info = write_folds(store, k, seed, force)
-    print(f"{k} folds (seed {seed}, stratified on {info['stratified_on']}) written to {store.path}/folds")
-    print(f"{'fold':>4} {'patients':>9} {'malignant':>10} {'lesions':>8} {'malignant':>10}  tumour types")
-    for c in info["counts"]:
-        tt = ", ".join(f"{t} {n}" for t, n in c["tumor_types"].items() if n)
-        print(f"{c['fold']:>4} {c['patients']:>9} {c['malignant_patients'] / max(c['patients'], 1):>9.1%} "
-              f"{c['lesions']:>8} {c['malignant_lesions'] / max(c['lesions'], 1):>9.1%}  {tt}")
-    return 0
+def has_folds(store: Store) -> bool:
+    return (store.path / "folds" / "zarr.json").exists()
+
+
+def check_folds(store: Store, k: int, seed: int) -> None:
+    """The store's split must be the one a config asks for (config keys folds, fold_seed)."""
+    attrs = read_folds(store)[2]
+    if (attrs["k"], attrs["seed"]) != (k, seed):
+        raise ConfigError(f"config keys 'folds'/'fold_seed' ({k}, {seed}) differ from the store's split "
+                          f"({attrs['k']}, {attrs['seed']}); results depend on the split: match the config or run "
+                          f"`wbs-dist folds {store.path} --k {k} --seed {seed} --force`")
+
+
+def ensure_folds(store: Store, k: int, seed: int) -> None:
+    """Make the split when the store has none (one process: drivers, before any fold starts; folds
+    running at once must not race for it), then check it against the config."""
+    if not has_folds(store):
+        write_folds(store, k, seed)
+    check_folds(store, k, seed)

@@ -17,7 +17,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .deid import KEPT_ATTRIBUTES
+from wbs_dist.data.deid import KEPT_ATTRIBUTES
+from wbs_dist.schema import ANTERIOR, POSTERIOR, UNKNOWN_VIEW
 
 NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 SECONDARY_CAPTURE = {
@@ -29,8 +30,8 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an i
 
 # SNOMED CT codes and their legacy SNOMED RT equivalents (DICOM CID 26 "Nuclear Medicine Projections").
 VIEW_CODES = {
-    "399321004": "anterior", "G-5215": "anterior",
-    "399001007": "posterior", "G-5216": "posterior",
+    "399321004": ANTERIOR, "G-5215": ANTERIOR,
+    "399001007": POSTERIOR, "G-5216": POSTERIOR,
 }
 _ANT_WORDS = {"ANT", "ANTERIOR"}
 _POST_WORDS = {"POST", "POSTERIOR", "PST"}
@@ -115,8 +116,8 @@ def _view_from_text(*texts) -> str:
     words = set().union(*(_words(t) for t in texts if t))
     ant, post = bool(words & _ANT_WORDS), bool(words & _POST_WORDS)
     if ant != post:
-        return "anterior" if ant else "posterior"
-    return "unknown"  # neither, or both ("ANT/POST" on a side-by-side capture)
+        return ANTERIOR if ant else POSTERIOR
+    return UNKNOWN_VIEW  # neither, or both ("ANT/POST" on a side-by-side capture)
 
 
 def _view_from_detector_item(item) -> str:
@@ -125,9 +126,9 @@ def _view_from_detector_item(item) -> str:
         if view:
             return view
         view = _view_from_text(code.get("CodeMeaning", ""))
-        if view != "unknown":
+        if view != UNKNOWN_VIEW:
             return view
-    return "unknown"
+    return UNKNOWN_VIEW
 
 
 def identify_views(ds: pydicom.Dataset, n_frames: int) -> list[str]:
@@ -136,7 +137,7 @@ def identify_views(ds: pydicom.Dataset, n_frames: int) -> list[str]:
     pointers = ds.get("FrameIncrementPointer")
     if pointers is not None and not isinstance(pointers, (list, tuple, pydicom.multival.MultiValue)):
         pointers = [pointers]
-    names = ["unknown"] * n_frames
+    names = [UNKNOWN_VIEW] * n_frames
     if detectors:
         vector = ds.get("DetectorVector")
         if vector is not None and not isinstance(vector, (list, tuple, pydicom.multival.MultiValue)):
@@ -147,7 +148,7 @@ def identify_views(ds: pydicom.Dataset, n_frames: int) -> list[str]:
                 names[i] = _view_from_detector_item(detectors[int(vector[i]) - 1])
             elif len(detectors) == 1:
                 names[i] = _view_from_detector_item(detectors[0])
-    if n_frames == 1 and names[0] == "unknown":
+    if n_frames == 1 and names[0] == UNKNOWN_VIEW:
         names[0] = _view_from_text(ds.get("SeriesDescription", ""), ds.get("ImageComments", ""),
                                    ds.get("ImageID", ""), ds.get("DerivationDescription", ""))
     return names

@@ -1,15 +1,9 @@
 """Which lesions a run uses, and a plain torch Dataset over the store for inspection and evaluation.
 
-One sample is one lesion of an annotated study. Its input is the whole study at the training
-resolution (anterior | posterior side by side, H x W) stacked on channels:
-
-    channel 0   the image: train_image / count_scale (store.count_scale: 99th percentile of body counts)
-    channel 1   this lesion's mask (1 inside, 0 outside)
-    channel 2   the study's other lesions (1 inside any other lesion); `other_lesions_channel: false`
-                drops it, so burden and neighbours are then invisible to the network
-
-The DALI loader (loader.py) produces the same tensors, bit for bit, with augmentation off; the
-training augmentation is a horizontal mirror of each view in place (the anterior stays left).
+One sample is one lesion of an annotated study; its input is the whole study at the training
+resolution with the lesion's masks on further channels (wbs_dist.preprocess defines it). The DALI
+loader (loader.py) produces the same tensors, bit for bit, with augmentation off; the training
+augmentation is a horizontal mirror of each view in place (the anterior stays left).
 """
 
 from __future__ import annotations
@@ -21,8 +15,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .folds import lesion_folds
-from .store import LABELS, Store, StoreError, int_to_key
+from wbs_dist.config import Size
+from wbs_dist.data.folds import lesion_folds
+from wbs_dist.data.store import Store, StoreError, int_to_key
+from wbs_dist.preprocess import input_channels, make_input, normalise
+from wbs_dist.schema import BENIGN, LABEL_CODES, MALIGNANT
 
 
 @dataclass
@@ -40,8 +37,8 @@ class LesionIndex:
     label: np.ndarray              # float32, 1 malignant / 0 benign
     patient: np.ndarray            # uint64 pseudonym
     fold: np.ndarray               # int8
-    view: np.ndarray               # int8 index into store.VIEWS
-    tumor_type: np.ndarray         # int8 index into store.TUMOR_TYPES
+    view: np.ndarray               # int8 index into schema.VIEWS
+    tumor_type: np.ndarray         # int8 index into schema.TUMOR_TYPES
     burden: np.ndarray             # int16 lesions in the study
 
     def __len__(self) -> int:
@@ -49,17 +46,18 @@ class LesionIndex:
 
     @property
     def channels(self) -> int:
-        return 3 if self.other_lesions_channel else 2
+        return input_channels(self.other_lesions_channel)
 
 
-def lesion_index(store: Store, folds: Sequence[int], height: int, width: int,
+def lesion_index(store: Store, folds: Sequence[int], size: tuple[int, int],
                  other_lesions_channel: bool = True) -> LesionIndex:
     """The lesions of `folds`, checked: each fold non-empty and holding both classes."""
-    if (height, width) != store.train_size:
-        h, w = store.train_size
-        raise StoreError(f"the config asks for {height}x{width} inputs but store {store.path} holds its training "
-                         f"level at {h}x{w}: set image_height={h} image_width={w}, or ingest into a new store "
-                         f"with --train-size {height}x{width}")
+    size = Size(*size)
+    if size != store.train_size:
+        have = Size(*store.train_size)
+        raise StoreError(f"the config asks for {size} inputs but store {store.path} holds its training level at "
+                         f"{have}: set train_size={have}, or ingest into a new store with --train-size {size}")
+    height, width = size
     table = store.lesion_table()
     fold_of = lesion_folds(store, table)
     k = int(store.root["folds"].attrs["k"])
@@ -71,7 +69,7 @@ def lesion_index(store: Store, folds: Sequence[int], height: int, width: int,
             raise StoreError(f"fold {f} has no lesions")
         classes = set(np.unique(table["label"][sel]).tolist())
         if len(classes) < 2:
-            only = "malignant" if classes == {LABELS["malignant"]} else "benign"
+            only = MALIGNANT if classes == {LABEL_CODES[MALIGNANT]} else BENIGN
             raise StoreError(f"fold {f} holds only {only} lesions: sensitivity/specificity and AUC are undefined; "
                              f"use fewer folds or a larger store")
     sel = np.isin(fold_of, np.asarray(folds))
@@ -84,26 +82,6 @@ def lesion_index(store: Store, folds: Sequence[int], height: int, width: int,
                        study_pos.astype(np.int32), rows["lesion_id"].astype(np.uint16),
                        rows["label"].astype(np.float32), rows["patient"], fold_of[sel][order].astype(np.int8),
                        rows["view"], rows["tumor_type"], rows["burden"])
-
-
-def normalise(image: np.ndarray, scale: np.float32) -> np.ndarray:
-    """Counts → network input. The one definition both loaders use, so they agree bit for bit."""
-    return image / np.float32(scale)
-
-
-def make_input(image: np.ndarray, labels: np.ndarray, lesion_id: int, other_lesions_channel: bool) -> np.ndarray:
-    """(H, W) normalised image and label map → (C, H, W) float32 network input."""
-    lid = np.uint16(lesion_id)
-    chans = [image, (labels == lid).astype(np.float32)]
-    if other_lesions_channel:
-        chans.append(((labels != 0) & (labels != lid)).astype(np.float32))
-    return np.stack(chans)
-
-
-def mirror_views(x: np.ndarray) -> np.ndarray:
-    """Mirror each view in place: (C, H, W) with two views side by side."""
-    c, h, w = x.shape
-    return np.ascontiguousarray(x.reshape(c, h, 2, w // 2)[..., ::-1].reshape(c, h, w))
 
 
 class LesionDataset(torch.utils.data.Dataset):

@@ -11,8 +11,9 @@ NCCL on CUDA, gloo on CPU; each process uses cuda:(local rank mod visible device
 both when every task sees all the node's GPUs and when SLURM binds one GPU per task.
 
 The training loop receives a DistEnv and calls the helpers below; it never reads the environment or
-imports a launcher. Every helper is a no-op (or the identity) without an initialised process group,
-so one code path serves a laptop, one GPU, torchrun and srun.
+imports a launcher, nor torch.distributed itself: every collective the trainer, the checkpoint and
+the preemption flag use lives here. Every helper is a no-op (or the identity) without an initialised
+process group, so one code path serves a laptop, one GPU, torchrun and srun.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
-from .errors import ConfigError, UsageError
+from wbs_dist.errors import ConfigError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ def _slurm_master(env: Mapping[str, str]) -> str:
 
 
 # --- SLURM host lists ---------------------------------------------------------------------------
+# Parsed here rather than with `scontrol show hostnames`: every rank of every step would run a
+# subprocess that talks to slurmctld at start-up (hundreds at once on a large job), and scontrol is
+# often missing inside containers (Apptainer images carry Python, not the site's SLURM client).
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -185,7 +189,7 @@ def init_process_group(env: DistEnv, timeout_s: float = DEFAULT_TIMEOUT_S) -> No
     makes the others fail with an error instead of hanging the job; it must exceed the longest gap
     between collectives (e.g. rank 0 writing a checkpoint while the others wait).
     """
-    if env.world_size == 1 or dist.is_initialized():
+    if env.world_size == 1 or tdist.is_initialized():
         return
     kwargs: dict[str, Any] = {}
     if env.backend == "nccl":
@@ -193,7 +197,7 @@ def init_process_group(env: DistEnv, timeout_s: float = DEFAULT_TIMEOUT_S) -> No
         kwargs["device_id"] = torch.device(env.device)
     # tcp:// with the detected address, so SLURM runs need not export MASTER_ADDR/MASTER_PORT;
     # under torchrun the agent's store is used either way.
-    dist.init_process_group(
+    tdist.init_process_group(
         backend=env.backend,
         init_method=f"tcp://{_host_for_url(env.master_addr)}:{env.master_port}",
         rank=env.rank,
@@ -208,11 +212,11 @@ def _host_for_url(host: str | None) -> str:
 
 
 def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return tdist.is_available() and tdist.is_initialized()
 
 
 def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
+    if tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -220,10 +224,10 @@ def _collective_device() -> torch.device:
 def barrier() -> None:
     if not _initialized():
         return
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
+    if tdist.get_backend() == "nccl":
+        tdist.barrier(device_ids=[torch.cuda.current_device()])
     else:
-        dist.barrier()
+        tdist.barrier()
 
 
 def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor | float:
@@ -237,11 +241,52 @@ def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor | float:
     else:
         t = torch.tensor(float(value), dtype=torch.float64)
     reduced = t.to(_collective_device())
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    reduced /= dist.get_world_size()
+    tdist.all_reduce(reduced, op=tdist.ReduceOp.SUM)
+    reduced /= tdist.get_world_size()
     if isinstance(value, torch.Tensor):
         return reduced.to(value.device)
     return reduced.item()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks in place (a tensor on this rank's collective device)."""
+    if _initialized():
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    if not _initialized():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=_collective_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` (picklable), in rank order, on every rank; None without a process group."""
+    if not _initialized():
+        return None
+    boxes = [None] * tdist.get_world_size()
+    tdist.all_gather_object(boxes, obj)
+    return boxes
+
+
+def gather_arrays(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Each array concatenated over ranks in rank order, on every rank (small arrays: validation)."""
+    boxes = all_gather_objects(arrays)
+    if boxes is None:
+        return arrays
+    return [np.concatenate([b[i] for b in boxes]) for i in range(len(arrays))]
+
+
+@torch.no_grad()
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank `src`'s buffers (BatchNorm statistics)."""
+    if _initialized():
+        for buf in model.buffers():
+            tdist.broadcast(buf, src)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -249,17 +294,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not _initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    tdist.broadcast_object_list(box, src=src, device=_collective_device())
     return box[0]
 
 
 def is_main() -> bool:
-    return not _initialized() or dist.get_rank() == 0
+    return not _initialized() or tdist.get_rank() == 0
 
 
 def cleanup() -> None:
     if _initialized():
-        dist.destroy_process_group()
+        tdist.destroy_process_group()
 
 
 # --- seeds ------------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dataset import LesionIndex, normalise
-from .errors import UsageError
-from .store import Store
+from wbs_dist.data.store import Store
+from wbs_dist.errors import UsageError
+from wbs_dist.preprocess import normalise
+from wbs_dist.train.dataset import LesionIndex
 
 
 # -- which samples, in which order ------------------------------------------------------------------
@@ -171,7 +172,7 @@ def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width:
             source, num_outputs=7, batch=True, batch_info=True, parallel=workers > 0,
             layout=["HW", "HW", "", "", "", "", ""])
         if fused:
-            from .lesion_op import lesion_input   # numba: only processes that build a CPU loader
+            from wbs_dist.train.lesion_op import lesion_input   # numba: only processes that build a CPU loader
 
             return lesion_input(image, labels, lid, flip, channels=channels), y, valid, index
         if device_id is not None:

@@ -18,7 +18,6 @@ address tune keys by name and the base config's keys as `train.<key>` (e.g. `tra
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -26,24 +25,22 @@ import math
 import os
 import random
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import Config, _coerce, load_config, parse_override, read_mapping
-from .errors import ConfigError, UsageError, WbsError
+from wbs_dist.atomic import write_csv, write_text
+from wbs_dist.config import (Config, at_least, check, coerce, key, load_config, parse_override, read_mapping,
+                             result_keys)
+from wbs_dist.errors import ConfigError, UsageError, WbsError
 
 log = logging.getLogger("wbs_dist.tune")
 
 METRIC = "mean_val_auc"
 TRAIN_PREFIX = "train."
 PROGRESS_FILE = "progress.json"
-# Keys that may change when an interrupted sweep is restored: where and how fast it runs, not what it
-# computes. Anything else differing from the stored sweep.yaml is refused.
-RESTORABLE = {"base", "cpus", "cpus_per_trial", "gpus_per_trial", "ray_temp_dir",
-              "train.num_workers", "train.dist_timeout_s", "train.checkpoint_every"}
 # A Ray worker started by `srun` (SLURM) or torchrun inherits its rank variables; a trial is one
 # process, never a rank of that step.
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "SLURM_PROCID")
@@ -51,60 +48,64 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "SLURM_PROCID")
 
 @dataclass
 class TuneSpec:
-    base: str = "baseline.yaml"          # training config; in the YAML relative to it, on the command line to the cwd
+    base: str = key("baseline.yaml", "training config; in the YAML relative to it, on the command line to the cwd",
+                    affects_results=False)
     # --- the search --------------------------------------------------------------------------------
-    lr_min: float = 1e-4                 # lr ~ log-uniform [lr_min, lr_max]
-    lr_max: float = 1e-2
-    batch_sizes: list[int] = field(default_factory=lambda: [4, 8, 16, 32])   # batch ~ uniform choice
-    scale_lr_with_batch: bool = False    # trial lr = sampled lr x batch / the base config's batch_size
-    num_samples: int = 16                # trials
-    seed: int = 0                        # the search's draws; training seeds come from train.seed
+    lr_min: float = key(1e-4, "lr ~ log-uniform [lr_min, lr_max]", at_least(0, strict=True))
+    lr_max: float = key(1e-2, "upper end of the lr range (>= lr_min)")
+    batch_sizes: list = key([4, 8, 16, 32], "batch size ~ uniform choice among these",
+                            lambda v: None if v and all(b >= 1 for b in v) else "must be a non-empty list of integers >= 1")
+    scale_lr_with_batch: bool = key(False, "trial lr = sampled lr x batch / the base config's batch_size")
+    num_samples: int = key(16, "trials", at_least(1))
+    seed: int = key(0, "the search's draws; training seeds come from train.seed", at_least(0))
     # --- ASHA ---------------------------------------------------------------------------------------
-    max_epochs: int = 0                  # epochs a trial may run (0 = the base config's epochs)
-    grace_period: int = 1                # epochs every trial runs before it can be stopped
-    reduction_factor: int = 3            # keep the top 1/reduction_factor at each rung
-    # --- resources ---------------------------------------------------------------------------------
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0          # fractions share a GPU between trials
-    cpus: int = 0                        # CPUs of a local Ray instance (0 = all); ignored with RAY_ADDRESS
-    ray_temp_dir: str = "/tmp/ray-wbs"   # local Ray's session files; short: socket paths must fit 107 bytes
+    max_epochs: int = key(0, "epochs a trial may run (0 = the base config's epochs)")
+    grace_period: int = key(1, "epochs every trial runs before it can be stopped", at_least(1))
+    reduction_factor: int = key(3, "keep the top 1/reduction_factor at each rung", at_least(2))
+    # --- resources: where and how fast, not what; a restored sweep may change them ---------------------
+    cpus_per_trial: float = key(1.0, "CPUs per trial", at_least(0, strict=True), affects_results=False)
+    gpus_per_trial: float = key(0.0, "GPUs per trial; fractions share a GPU between trials", at_least(0),
+                                affects_results=False)
+    cpus: int = key(0, "CPUs of a local Ray instance (0 = all); ignored with RAY_ADDRESS", at_least(0),
+                    affects_results=False)
+    ray_temp_dir: str = key("/tmp/ray-wbs", "local Ray's session files; short: socket paths must fit 107 bytes",
+                            affects_results=False)
     # --- where --------------------------------------------------------------------------------------
-    storage_path: str = "runs/tune"      # experiments go to STORAGE_PATH/NAME/ (relative to the cwd)
-    name: str = "lr_batch"
+    storage_path: str = key("runs/tune", "experiments go to STORAGE_PATH/NAME/ (relative to the cwd)")
+    name: str = key("lr_batch", "the experiment's name",
+                    lambda v: None if v and "/" not in v else "must be a non-empty name without '/'")
 
-    _CHECKS = {
-        "lr_min": lambda s: None if s.lr_min > 0 else "must be > 0",
-        "lr_max": lambda s: None if s.lr_max >= s.lr_min else "must be >= lr_min",
-        "batch_sizes": lambda s: None if s.batch_sizes and all(b >= 1 for b in s.batch_sizes)
-        else "must be a non-empty list of integers >= 1",
-        "num_samples": lambda s: None if s.num_samples >= 1 else "must be >= 1",
-        "seed": lambda s: None if s.seed >= 0 else "must be >= 0",
-        "max_epochs": lambda s: None if s.max_epochs >= 1 else "must be >= 1",
-        "grace_period": lambda s: None if 1 <= s.grace_period <= s.max_epochs else "must be in [1, max_epochs]",
-        "reduction_factor": lambda s: None if s.reduction_factor >= 2 else "must be >= 2",
-        "cpus_per_trial": lambda s: None if s.cpus_per_trial > 0 else "must be > 0",
-        "gpus_per_trial": lambda s: None if s.gpus_per_trial >= 0 else "must be >= 0",
-        "cpus": lambda s: None if s.cpus >= 0 else "must be >= 0",
-        "name": lambda s: None if s.name and "/" not in s.name else "must be a non-empty name without '/'",
-    }
+    def check_together(self) -> None:
+        """The checks that relate two keys."""
+        if self.lr_max < self.lr_min:
+            raise ConfigError(f"tune key 'lr_max': must be >= lr_min (got {self.lr_max!r})")
+        if not 1 <= self.grace_period <= self.max_epochs:
+            raise ConfigError(f"tune key 'grace_period': must be in [1, max_epochs] (got {self.grace_period!r})")
 
     @property
     def experiment_dir(self) -> Path:
         return Path(self.storage_path) / self.name
 
 
-def _set(spec: TuneSpec, key: str, value: Any, where: str) -> None:
+def restorable_keys() -> set[str]:
+    """What may change when an interrupted sweep is restored: the keys that do not affect results,
+    the sweep's and the training config's (as train.<key>)."""
+    return ({f.name for f in fields(TuneSpec)} - result_keys(TuneSpec)) | \
+        {TRAIN_PREFIX + k for k in {f.name for f in fields(Config)} - result_keys(Config)}
+
+
+def _set(spec: TuneSpec, key_: str, value: Any, where: str) -> None:
     types = {f.name: f.type for f in fields(TuneSpec)}
-    if key not in types:
-        raise ConfigError(f"unknown tune key {key!r} ({where}); training config keys are given as "
+    if key_ not in types:
+        raise ConfigError(f"unknown tune key {key_!r} ({where}); training config keys are given as "
                           f"'{TRAIN_PREFIX}<key>' on the command line")
-    if key == "batch_sizes":
+    if key_ == "batch_sizes":
         if not isinstance(value, list):
             raise ConfigError(f"tune key 'batch_sizes': expected a list such as [4, 8, 16, 32], got {value!r}")
-        value = [_coerce("batch_sizes", v, int) for v in value]
+        value = [coerce("batch_sizes", v, int, "tune key") for v in value]
     else:
-        value = _coerce(key, value, {"float": float, "int": int, "bool": bool, "str": str}[types[key]])
-    setattr(spec, key, value)
+        value = coerce(key_, value, {"float": float, "int": int, "bool": bool, "str": str}[types[key_]], "tune key")
+    setattr(spec, key_, value)
 
 
 def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
@@ -112,25 +113,23 @@ def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
 
     Paths come back absolute (trials run in Ray workers with another working directory)."""
     spec = TuneSpec()
-    for key, value in read_mapping(path, "tune config file").items():
-        _set(spec, str(key), value, f"in {path}")
+    for k, value in read_mapping(path, "tune config file").items():
+        _set(spec, str(k), value, f"in {path}")
     spec.base = str(Path(path).parent / spec.base)
     train_overrides = []
     for item in overrides:
-        key, value = parse_override(item)
-        if key.startswith(TRAIN_PREFIX):
+        k, value = parse_override(item)
+        if k.startswith(TRAIN_PREFIX):
             train_overrides.append(item[len(TRAIN_PREFIX):])
         else:
-            _set(spec, key, value, "command-line override")
+            _set(spec, k, value, "command-line override")
     base = load_config(Path(spec.base), train_overrides)
     base.store = str(Path(base.store).resolve())
     spec.base = str(Path(spec.base).resolve())
     spec.storage_path = str(Path(spec.storage_path).resolve())
     spec.max_epochs = spec.max_epochs or base.epochs
-    for key, check in TuneSpec._CHECKS.items():
-        problem = check(spec)
-        if problem:
-            raise ConfigError(f"tune key {key!r}: {problem} (got {getattr(spec, key)!r})")
+    check(spec, "tune key")
+    spec.check_together()
     return spec, base
 
 
@@ -163,7 +162,7 @@ def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
     import torch
     from ray import tune
 
-    from .train import FoldTrainer
+    from wbs_dist.train.trainer import FoldTrainer
 
     for var in RANK_VARIABLES:
         os.environ.pop(var, None)
@@ -219,7 +218,8 @@ def _sweep_record(spec: TuneSpec, base: Config) -> dict:
 def _check_restorable(exp: Path, spec: TuneSpec, base: Config) -> None:
     saved = yaml.safe_load((exp / "sweep.yaml").read_text())
     now = _sweep_record(spec, base)
-    diff = sorted(k for k in set(saved) | set(now) if k not in RESTORABLE and saved.get(k) != now.get(k))
+    restorable = restorable_keys()
+    diff = sorted(k for k in set(saved) | set(now) if k not in restorable and saved.get(k) != now.get(k))
     if diff:
         raise ConfigError(f"{exp} holds a sweep with other settings ("
                           + ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
@@ -243,17 +243,15 @@ def run_sweep(spec: TuneSpec, base: Config, param_space: dict | None = None, ear
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from . import dist
-    from .store import Store
-    from .train import ensure_folds
+    from wbs_dist.data.folds import ensure_folds
+    from wbs_dist.data.store import Store
 
     exp = spec.experiment_dir
     restore = tune.Tuner.can_restore(exp)
     if restore:
         _check_restorable(exp, spec, base)
-    # Before any trial: trials would otherwise race to write a missing split. (The driver is one
-    # process, whatever the SLURM job around it says: an empty environment.)
-    ensure_folds(Store.open(base.store), base, dist.detect({}))
+    # Before any trial: trials would otherwise race to write a missing split.
+    ensure_folds(Store.open(base.store), base.folds, base.fold_seed)
     # Frequent experiment-state snapshots are intended here (see num_to_keep below): no warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec, base=base),
@@ -265,7 +263,7 @@ def run_sweep(spec: TuneSpec, base: Config, param_space: dict | None = None, ear
             tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True)
         else:
             exp.mkdir(parents=True, exist_ok=True)
-            (exp / "sweep.yaml").write_text(yaml.safe_dump(_sweep_record(spec, base), sort_keys=False))
+            write_text(exp / "sweep.yaml", yaml.safe_dump(_sweep_record(spec, base), sort_keys=False))
             scheduler = ASHAScheduler(time_attr="epochs", max_t=spec.max_epochs, grace_period=spec.grace_period,
                                       reduction_factor=spec.reduction_factor) if early_stopping else None
             tuner = tune.Tuner(
@@ -334,11 +332,9 @@ def write_results(rows: list[dict], spec: TuneSpec, base: Config) -> dict | None
     """results.csv, results.md and best.yaml (from the completed trial with the highest mean AUC at
     its final epoch) in the experiment directory; the best row, or None when no trial completed."""
     exp = spec.experiment_dir
-    with open(exp / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, _columns(base.folds), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (exp / "results.md").write_text(results_markdown(rows, base.folds))
+    cols = _columns(base.folds)
+    write_csv(exp / "results.csv", cols, [[r.get(c) for c in cols] for r in rows])
+    write_text(exp / "results.md", results_markdown(rows, base.folds))
     completed = [r for r in rows if r["status"] == "completed"]
     if not completed:
         return None
@@ -349,22 +345,27 @@ def write_results(rows: list[dict], spec: TuneSpec, base: Config) -> dict | None
     header = (f"# Best of the sweep {exp}: trial {best['trial']}, mean validation AUC {best[METRIC]:.4f} over "
               f"{base.folds} folds after {best['epochs']} epochs.\n# lr and batch_size from the sweep, run_dir its own; "
               f"everything else (epochs included) from {spec.base} and the train.* overrides.\n")
-    (exp / "best.yaml").write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(exp / "best.yaml", header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return best
 
 
-def run_tune(config_path: Path, overrides: list[str]) -> int:
-    spec, base = load_tune(config_path, overrides)
+@dataclass
+class TuneResult:
+    experiment: Path
+    rows: list[dict]                 # every trial, best first among the completed
+    best: dict | None                # the completed trial with the highest mean AUC; None if none completed
+
+    @property
+    def errored(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] == "error"]
+
+
+def tune(spec: TuneSpec, base: Config) -> TuneResult:
+    """Run (or restore and finish) the sweep and write its results; raises WbsError when no trial
+    ran to the end."""
     rows = run_sweep(spec, base)
     best = write_results(rows, spec, base)
-    exp = spec.experiment_dir
-    print(results_markdown(rows, base.folds))
-    print(f"results: {exp / 'results.csv'}, {exp / 'results.md'}")
-    errored = [r for r in rows if r["status"] == "error"]
-    for r in errored:
-        log.error("trial %s failed: %s (log: %s)", r["trial"], r["error"], exp / r["trial"] / "error.txt")
-    if best is None:
-        raise WbsError(f"no trial ran its {spec.max_epochs} epochs: no best config")
-    print(f"best: {exp / 'best.yaml'} (lr {best['lr']:.3g}, batch {best['batch_size']}, "
-          f"mean val AUC {best[METRIC]:.4f}); train it with `wbs-dist cv {exp / 'best.yaml'}`")
-    return 3 if errored else 0
+    result = TuneResult(spec.experiment_dir, rows, best)
+    for r in result.errored:
+        log.error("trial %s failed: %s (log: %s)", r["trial"], r["error"], result.experiment / r["trial"] / "error.txt")
+    return result

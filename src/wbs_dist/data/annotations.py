@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
-
-COLUMNS = ("study_uid", "view", "lesion_id", "label", "tumor_type")
-VIEWS = ("anterior", "posterior")
-LABELS = ("malignant", "benign")
-TUMOR_TYPES = ("lung", "prostate", "breast", "other")
+from wbs_dist.errors import InputError
+from wbs_dist.schema import ANNOTATION_COLUMNS as COLUMNS
+from wbs_dist.schema import ANNOTATIONS_CSV, LABELS, TUMOR_TYPES, VIEWS
 
 
 @dataclass
@@ -41,7 +38,7 @@ class StudyAnnotations:
         return [les.row for les in self.lesions]
 
 
-def parse_annotations(data: bytes, name: str = "annotations.csv") -> dict[str, StudyAnnotations]:
+def parse_annotations(data: bytes, name: str = ANNOTATIONS_CSV) -> dict[str, StudyAnnotations]:
     """study_uid -> its lesions. Raises InputError when the file as a whole is unusable."""
     try:
         text = data.decode("utf-8-sig")
@@ -74,9 +71,9 @@ def parse_annotations(data: bytes, name: str = "annotations.csv") -> dict[str, S
             elif lid is None or lid < 1 or lid > 65535:
                 problem = f"line {line} column lesion_id: {values['lesion_id']!r} is not an integer in 1..65535"
             elif values["view"] not in VIEWS:
-                problem = f"line {line} column view: {values['view']!r} is not anterior|posterior"
+                problem = f"line {line} column view: {values['view']!r} is not {'|'.join(VIEWS)}"
             elif values["label"] not in LABELS:
-                problem = f"line {line} column label: {values['label']!r} is not malignant|benign"
+                problem = f"line {line} column label: {values['label']!r} is not {'|'.join(LABELS)}"
             elif values["tumor_type"] not in TUMOR_TYPES:
                 problem = f"line {line} column tumor_type: {values['tumor_type']!r} is not {'|'.join(TUMOR_TYPES)}"
             elif (uid, lid) in seen:

@@ -21,16 +21,15 @@ import logging
 import os
 import random
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from .atomic import fsync_dir
-from .errors import InputError
+from wbs_dist import atomic
+from wbs_dist.train import ddp
+from wbs_dist.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -199,20 +198,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], keep_previou
     # One writer per path (rank 0), so any temp file already there is a crashed write's leftover.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists() and keep_previous:
-            os.replace(path, prev_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic.replace(path, previous=prev_path(path) if keep_previous else None) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any] | None:
@@ -296,14 +283,8 @@ class PreemptionFlag:
     def __exit__(self, *exc) -> None:
         self.uninstall()
 
-    def sync(self, group: Any = None) -> bool:
+    def sync(self) -> bool:
         """True on every rank when any rank was signalled; local only without a process group."""
-        if dist.is_available() and dist.is_initialized():
-            device = "cpu"
-            if dist.get_backend(group) == "nccl":
-                device = torch.device("cuda", torch.cuda.current_device())
-            flag = torch.tensor([int(self._requested)], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            if flag.item():
-                self._requested = True
+        if ddp.any_rank(self._requested):
+            self._requested = True
         return self._requested

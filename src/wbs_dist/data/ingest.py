@@ -1,0 +1,91 @@
+"""Ingest: DICOM archive + annotations → de-identified Zarr store, in parallel, resumable.
+
+The archive is read in two passes (data/studies.py): headers only, to group objects into studies,
+find duplicates and map annotation rows; then one study per task in worker processes, decoded,
+checked and written atomically (store.Store.write_study). Studies already in the store are skipped,
+so a rerun after a kill finishes the job. Every refused input is listed with its reason in the
+errors CSV (beside the store, not in it: it names archive paths); the rest is ingested.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wbs_dist.atomic import write_csv
+from wbs_dist.data.deid import keyed_hash, load_or_create_secret
+from wbs_dist.data.store import Store
+from wbs_dist.data.studies import (StudyJob, StudyPool, StudySource, assemble, group_studies, in_archive_order,
+                                   patient_id_of, worker_state)
+from wbs_dist.errors import UsageError
+
+ERRORS_COLUMNS = ("path", "reason")
+
+
+@dataclass
+class IngestResult:
+    store: Path
+    counts: dict                                # the store's counts after the run (Store.rebuild_lesion_table)
+    written: int                                # studies written by this run
+    already: int                                # studies that were in the store before it
+    errors: list[tuple[str, str]] = field(default_factory=list)   # (path, reason) of every skipped input
+    errors_path: Path | None = None
+
+
+def _study_task(job: StudyJob) -> tuple[bool, int, list[tuple[str, str]]]:
+    """In a worker: decode, check and write one study; (written, lesions, errors)."""
+    state = worker_state()
+    if "store" not in state:
+        state["store"] = Store.open(state["store_path"])
+    data, errors = assemble(job)
+    if data is None:
+        return False, 0, errors
+    return state["store"].write_study(data), len(data.attrs["lesions"]), errors
+
+
+def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_file: Path | None = None,
+           workers: int = 2, train_size: tuple[int, int] = (512, 256),
+           errors_path: Path | None = None) -> IngestResult:
+    """Ingest `archive` into `store` (created, or completed when it exists) and write the errors CSV."""
+    secret = load_or_create_secret(secret_file)
+    if Path(store).resolve() == Path(archive).resolve():
+        raise UsageError("the store cannot be the archive itself")
+    with StudySource.open(archive, annotations) as source:
+        st = Store.create_or_open(store, train_size)
+        st.clear_staging()                     # leftovers of an interrupted run are never trusted
+        errors = list(source.errors)
+        # One decoding process gains nothing over this one: workers <= 1 decode in-process.
+        with StudyPool(source, workers if workers > 1 else 0, {"store_path": st.path}) as pool:
+            studies = group_studies(pool.headers(source.members), errors)
+            errors += source.unmatched_rows(studies)
+
+            jobs, patients_tumor = [], defaultdict(set)
+            already = 0
+            for uid, objs in in_archive_order(studies):
+                patient_id = patient_id_of(objs)
+                # A study without Patient ID becomes its own patient: never merged with a stranger.
+                patient = keyed_hash(secret, "patient", patient_id) if patient_id else \
+                    keyed_hash(secret, "patient-of-study", uid)
+                job = source.job(keyed_hash(secret, "study", uid), patient, uid, objs)
+                if job.annotations is not None and job.annotations.tumor_type:
+                    patients_tumor[patient].add(job.annotations.tumor_type)
+                if st.has_study(job.key):
+                    already += 1
+                    continue
+                jobs.append(job)
+            conflicted = {p for p, types in patients_tumor.items() if len(types) > 1}
+            for job in jobs:
+                if job.patient in conflicted and job.annotations is not None:
+                    job.annotations.problems.append("tumor_type differs between studies of the same patient")
+
+            written = 0
+            for was_written, _, study_errors in pool.map(_study_task, jobs, "ingesting"):
+                errors.extend(study_errors)
+                written += was_written
+        counts = st.rebuild_lesion_table()
+        st.clear_staging()
+        errors_path = Path(errors_path) if errors_path else st.path.with_name(st.path.name + ".errors.csv")
+        errors_path.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(errors_path, ERRORS_COLUMNS, errors)
+    return IngestResult(st.path, counts, written, already, errors, errors_path)

@@ -1,0 +1,1 @@
+"""Evaluation: predictions CSVs -> the study's statistics, tables, plots and the HTML report."""

@@ -1,0 +1,103 @@
+"""A run's finished fold models as one ensemble: the mean probability of malignancy over folds.
+
+Models: every finished fold of RUN_DIR (train.rundir: `fold<K>/done.json`; weights from `last.pt`, input
+size and channels from `config.yaml`); `fold=K` takes one fold. Loading needs torch; the rest of
+infer/ (the decoding workers) must not import it, so this module is imported by the main process only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wbs_dist.config import Config
+from wbs_dist.errors import UsageError
+from wbs_dist.preprocess import input_channels
+from wbs_dist.train.checkpoint import load_checkpoint
+from wbs_dist.train.models import build_model, split_logits
+from wbs_dist.train.rundir import FoldDir, fold_dirs
+
+log = logging.getLogger("wbs_dist.score")
+
+
+def shape(cfg: Config) -> tuple:
+    """What must agree between the folds of one ensemble."""
+    return cfg.model, tuple(cfg.train_size), cfg.other_lesions_channel
+
+
+def finished_folds(run_dir: Path, fold: int | None = None) -> tuple[list[FoldDir], Config]:
+    """The finished folds of a run directory and their common config."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--run {run_dir}: no such run directory")
+    found = fold_dirs(run_dir)
+    if fold is not None:
+        found = [f for f in found if f.fold == fold]
+        if not found:
+            raise UsageError(f"--fold {fold}: no {run_dir}/fold{fold}")
+    finished = [f for f in found if f.is_finished()]
+    if not finished:
+        names = ", ".join(f.path.name for f in found) or "no fold<K> folders"
+        raise UsageError(f"{run_dir} holds no finished fold ({names}; a fold is finished when its "
+                         "done.json exists): train first, or pass --fold of a finished one")
+    unfinished = [f for f in found if not f.is_finished()]
+    if unfinished:
+        log.warning("scoring without unfinished fold(s) %s", ", ".join(f.path.name for f in unfinished))
+    config = finished[0].read_config()
+    for f in finished[1:]:
+        other = f.read_config()
+        if shape(other) != shape(config):
+            raise UsageError(f"{f.config} differs from fold {finished[0].fold}'s in model/image size/"
+                             f"channels ({shape(other)} vs {shape(config)}): not one ensemble")
+    return finished, config
+
+
+class Ensemble:
+    """The finished folds of a run directory: mean probability of malignancy over folds."""
+
+    def __init__(self, run_dir: Path, fold: int | None = None, device: str | None = None):
+        finished, self.config = finished_folds(run_dir, fold)
+        self.folds = [f.fold for f in finished]
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.models = []
+        digest = hashlib.sha256()
+        for f in finished:
+            state = load_checkpoint(f.last)
+            if state is None:
+                raise UsageError(f"{f.path}: done.json but no last.pt")
+            model = build_model(self.config.model, self.channels, "none", input_size=self.size)
+            model.load_state_dict(state["model"])
+            for name, tensor in state["model"].items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            self.models.append(model.to(self.device).eval())
+            del state
+        self.digest = digest.hexdigest()
+        self.autocast = self.device.type == "cuda" and self.config.bf16
+
+    @property
+    def channels(self) -> int:
+        return input_channels(self.config.other_lesions_channel)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.config.train_size)
+
+    def fingerprint(self) -> dict:
+        return {"folds": self.folds, "weights_sha256": self.digest, "model": self.config.model,
+                "image_size": list(self.size), "other_lesions_channel": self.config.other_lesions_channel}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(x).to(self.device, non_blocking=True)
+        if self.autocast:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        total = torch.zeros(len(x), dtype=torch.float64, device=self.device)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            for model in self.models:
+                main, _ = split_logits(model(batch))
+                total += torch.sigmoid(main.float().view(-1)).double()
+        return (total / len(self.models)).cpu().numpy()

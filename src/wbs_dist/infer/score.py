@@ -1,0 +1,315 @@
+"""`wbs-dist score`: an archive's lesions scored by the fold ensemble, streamed, sharded, resumable.
+
+    wbs-dist score ARCHIVE --run RUN_DIR --out PRED.csv [--fold K] [--shard I/N] [--overlays DIR]
+
+Reads DICOM studies straight from a folder, .zip or .tar(.gz) (no store), in the two passes of
+data/studies.py, shared with ingest: headers only, to group objects into studies; then one study
+per task in worker processes: decode and identify views (`studies.assemble`), lesions from the
+annotations (DESIGN 3.2) when the study has rows, else hot-spot candidates (`candidates`), and the
+training level (`preprocess.training_level`, `preprocess.count_scale`). The main process turns each
+lesion into the network input with the training code itself (`preprocess.normalise`,
+`preprocess.make_input`), batches lesions across studies, and runs the models (ensemble.py) while
+the workers decode the next studies (a bounded number of studies in flight, so memory stays flat
+whatever the archive's size). A lesion's score is the mean of the folds' probabilities; `--fold K`
+scores with one fold.
+
+Outputs (an unsharded run):
+    PRED.csv            one row per lesion (DESIGN 3.3): `fold` empty, `label` 1/0 from the
+                        annotations or empty, `tumor_type` from the annotations or empty,
+                        `lesion_count` = lesions scored in the study
+    PRED.summary.csv    one row per study: source (annotated | candidates), views, lesions, highest
+                        score and its lesion
+    PRED.errors.csv     every input not scored, with the reason (exit status 3 when not empty)
+    --overlays DIR      DIR/<study_uid>.png: the views side by side, lesion contours coloured by
+                        score (green 0 -> yellow -> red 1), for review
+
+These outputs go back to the site that owns the archive, which must be able to act on them: they
+carry the original Study Instance UID and Patient ID and are therefore identifying, unlike the
+store; they are written readable by their owner only. Logs and progress output never show them.
+
+Views: anterior on the left half and posterior on the right, as in training. A view the DICOM does
+not identify (`unknown`, e.g. the NEMA NM1 scan) is never paired by guess: it is scored alone in
+the anterior slot (the posterior half empty, as for a study without a posterior view), and its
+lesions are reported with view `unknown`. Annotations cannot name such a view, so it is scored in
+candidate studies only.
+
+Resumable and sharded: results go to PRED.csv.parts/ (parts.py). `--shard I/N` takes the studies whose uid hashes to I mod N and writes parts only; the merge is the
+same command without `--shard`, which also scores whatever the shards left undone (a failed array
+task, say) and checks the result against the whole archive. slurm/score.sh does both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wbs_dist.atomic import PRIVATE, write_csv
+from wbs_dist.data.studies import (StudyJob, StudyPool, StudySource, assemble, group_studies, in_archive_order,
+                                   patient_id_of, worker_state)
+from wbs_dist.errors import UsageError
+from wbs_dist.infer import candidates
+from wbs_dist.infer.ensemble import finished_folds
+from wbs_dist.infer.parts import PART_FORMAT, Parts, errors_path, merge, parse_shard, shard_of, summary_path
+from wbs_dist.preprocess import count_scale, make_input, normalise, training_level
+from wbs_dist.schema import ANTERIOR, LABEL_CODES, VIEWS, view_order
+
+FLUSH_SECONDS = 60.0
+ERRORS_COLUMNS = ("path", "reason")
+
+
+@dataclass
+class ScoreResult:
+    out: Path
+    shard: tuple[int, int] | None
+    scored: int                     # studies scored by this run
+    already: int                    # studies found done in the parts
+    lesions: int                    # lesions scored by this run
+    seconds: float
+    errors: list[tuple[str, str]]   # inputs not scored, with the reason
+    errors_path: Path
+    merged: tuple[int, int] | None  # (studies, lesions) written to OUT; None for a shard
+
+    @property
+    def summary_path(self) -> Path:
+        return summary_path(self.out)
+
+
+# -- worker side (no torch here: spawned workers import this module) ---------------------------------
+@dataclass
+class Scan:
+    """One network image of a study: counts at the training level, its scale and label map."""
+
+    image: np.ndarray
+    scale: float
+    labels: np.ndarray
+
+
+@dataclass
+class StudyResult:
+    uid: str
+    patient_id: str
+    source: str = ""                                   # annotated | candidates
+    tumor_type: str = ""
+    views: list[str] = field(default_factory=list)
+    scans: list[Scan] = field(default_factory=list)
+    lesions: list[tuple[int, str, str, int]] = field(default_factory=list)  # id, view, label, scan
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    native: dict[str, np.ndarray] | None = None        # for overlays
+    native_labels: dict[str, np.ndarray] | None = None
+
+
+def _study_task(job: StudyJob) -> StudyResult:
+    res = StudyResult(job.key, job.patient)
+    data, res.errors = assemble(job)
+    if data is None:
+        return res
+    views = data.views
+    if job.annotations is not None:
+        res.source, res.tumor_type = "annotated", job.annotations.tumor_type or ""
+        labels = data.labels
+        lesions = [(les["lesion_id"], les["view"], str(LABEL_CODES[les["label"]]))
+                   for les in data.attrs["lesions"]]
+    else:
+        res.source = "candidates"
+        labels, regions = candidates.find_candidates(views)
+        lesions = [(reg.label, reg.view, "") for reg in regions]
+    res.views = sorted(views, key=view_order)
+    height, width = worker_state()["size"]
+    # Identified views share one image; each unidentified view is an image of its own, in the
+    # anterior slot (never paired by guess).
+    slots = {v: 0 for v in res.views if v in VIEWS}
+    groups = [{v: v for v in slots}] if slots else []
+    for v in res.views:
+        if v not in VIEWS:
+            slots[v] = len(groups)
+            groups.append({ANTERIOR: v})
+    for group in groups:
+        image, lab = training_level({slot: views[v] for slot, v in group.items()},
+                                    {slot: labels[v] for slot, v in group.items() if v in labels}, height, width)
+        res.scans.append(Scan(image, count_scale(image), lab))
+    res.lesions = [(lid, view, label, slots[view]) for lid, view, label in lesions]
+    if worker_state()["overlays"]:
+        res.native, res.native_labels = views, labels
+    return res
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+def _record(res: StudyResult, scores: np.ndarray) -> dict:
+    return {"study_uid": res.uid, "patient_id": res.patient_id, "source": res.source,
+            "tumor_type": res.tumor_type, "views": res.views,
+            "lesions": [[lid, view, label, round(float(s), 6)]
+                        for (lid, view, label, _), s in zip(res.lesions, scores)]}
+
+
+class _Batcher:
+    """Lesions of finished studies, scored in batches across studies; a study's record is ready
+    once all its lesions are scored."""
+
+    def __init__(self, ensemble, batch: int):
+        self.ensemble, self.batch = ensemble, batch
+        self.queue: deque = deque()         # (study, lesion index)
+        self.open: dict[str, list] = {}     # uid -> [result, normalised images, scores, remaining]
+
+    def add(self, res: StudyResult) -> StudyResult | None:
+        """Queue a study's lesions; returns it at once when it has none."""
+        if not res.lesions:
+            return res
+        images = [normalise(scan.image, np.float32(scan.scale)) for scan in res.scans]
+        self.open[res.uid] = [res, images, np.zeros(len(res.lesions)), len(res.lesions)]
+        self.queue.extend((res.uid, i) for i in range(len(res.lesions)))
+        return None
+
+    @property
+    def studies(self) -> int:
+        return len(self.open)
+
+    def run(self) -> list[tuple[StudyResult, np.ndarray]]:
+        """Score up to one batch; the studies this completes."""
+        items = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
+        x = np.stack([self._input(uid, i) for uid, i in items])
+        probs = self.ensemble(x)
+        done = []
+        for (uid, i), p in zip(items, probs):
+            entry = self.open[uid]
+            entry[2][i] = p
+            entry[3] -= 1
+            if entry[3] == 0:
+                del self.open[uid]
+                done.append((entry[0], entry[2]))
+        return done
+
+    def _input(self, uid: str, i: int) -> np.ndarray:
+        res, images = self.open[uid][0], self.open[uid][1]
+        lid, _, _, scan = res.lesions[i]
+        return make_input(images[scan], res.scans[scan].labels, lid, self.ensemble.config.other_lesions_channel)
+
+
+def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
+                  shard: tuple[int, int] | str | None = None, overlays: Path | None = None, workers: int = 2,
+                  batch: int = 32, annotations: Path | None = None, part_size: int = 64) -> ScoreResult:
+    """Score `archive` with the run's fold models into OUT (or, with a shard, into OUT's parts)."""
+    from wbs_dist.infer.ensemble import Ensemble     # torch: the main process only
+
+    out = Path(out)
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
+    if batch < 1 or part_size < 1 or workers < 0:
+        raise UsageError("--batch and --part-size must be >= 1, --workers >= 0")
+    if out.suffix.lower() != ".csv":
+        raise UsageError(f"--out {out}: expected a .csv path (summary and errors are written beside it)")
+    _, config = finished_folds(run, fold)
+    mine = (lambda key: True) if shard is None else (lambda key: shard_of(key, shard[1]) == shard[0])
+    t0 = time.perf_counter()
+    with StudySource.open(archive, annotations) as source:
+        errors = list(source.errors)
+        extra = {"size": tuple(config.train_size), "overlays": overlays is not None}
+        with StudyPool(source, workers, extra) as pool:
+            # The workers start and read headers while this process loads the models.
+            headers = pool.headers(source.members)
+            ensemble = Ensemble(run, fold)
+            fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
+                           "annotations": str(Path(annotations).resolve()) if annotations else None,
+                           "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            parts = Parts(out, fingerprint, "all" if shard is None else f"{shard[0]}of{shard[1]}")
+            parts.open()
+            studies = group_studies(headers, errors)
+            errors += source.unmatched_rows(studies)
+            errors = [e for e in errors if mine(e[0])]
+            done = parts.records()
+            jobs = [source.job(uid, patient_id_of(objs), uid, objs) for uid, objs in in_archive_order(studies)
+                    if mine(uid) and uid not in done]
+            with _cpu_threads(ensemble.device.type, workers):
+                scored, lesions = _score_jobs(pool, jobs, ensemble, batch, parts, part_size, overlays, errors,
+                                              workers)
+    seconds = time.perf_counter() - t0
+    already = len([s for s in studies if mine(s) and s in done])
+    err_path = errors_path(out, shard)
+    write_csv(err_path, ERRORS_COLUMNS, errors, mode=PRIVATE)
+    merged = None
+    if shard is None:
+        records = parts.records()
+        merged = merge([records[u] for u in studies if u in records], out)
+    return ScoreResult(out, shard, scored, already, lesions, seconds, errors, err_path, merged)
+
+
+@contextmanager
+def _cpu_threads(device: str, workers: int):
+    """On CPU, leave the decoding processes their cores: OpenMP threads that outnumber the free
+    cores spin against them (resnet18 ran 10x slower with 2 threads than with 1 beside busy
+    processes on 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _score_jobs(pool: StudyPool, jobs, ensemble, batch, parts: Parts, part_size, overlays, errors,
+                workers) -> tuple[int, int]:
+    from wbs_dist.infer.overlay import render, write_overlay
+
+    batcher = _Batcher(ensemble, batch)
+    # Enough studies in flight to fill a batch and keep every worker busy while the model runs.
+    limit = 2 * max(workers, 1) + batch
+    pending: set[Future] = set()
+    todo = iter(jobs)
+    exhausted = False
+    finished: list[dict] = []
+    last_flush = time.monotonic()
+    scored = lesions = 0
+    bar = tqdm(total=len(jobs), desc="scoring", unit="study", file=sys.stderr, disable=None, mininterval=0.5)
+
+    def complete(res: StudyResult, scores: np.ndarray) -> None:
+        nonlocal scored, lesions, last_flush
+        finished.append(_record(res, scores))
+        if overlays is not None:
+            image = render(res.views, res.native, res.native_labels,
+                           [(lid, view, s) for (lid, view, _, _), s in zip(res.lesions, scores)])
+            write_overlay(Path(overlays), res.uid, image)
+        scored += 1
+        lesions += len(res.lesions)
+        bar.update(1)
+        if len(finished) >= part_size or time.monotonic() - last_flush > FLUSH_SECONDS:
+            parts.write(finished)
+            finished.clear()
+            last_flush = time.monotonic()
+
+    try:
+        while True:
+            while not exhausted and len(pending) + batcher.studies < limit:
+                job = next(todo, None)
+                if job is None:
+                    exhausted = True
+                else:
+                    pending.add(pool.submit(_study_task, job))
+            if len(batcher.queue) >= batch or (batcher.queue and not pending):
+                for res, scores in batcher.run():
+                    complete(res, scores)
+                continue
+            if not pending:
+                break
+            ready, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in ready:
+                res = fut.result()
+                if res.errors:
+                    errors.extend(res.errors)
+                    bar.update(1)
+                elif batcher.add(res) is not None:
+                    complete(res, np.zeros(0))
+        parts.write(finished)
+    finally:
+        bar.close()
+    return scored, lesions

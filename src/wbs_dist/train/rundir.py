@@ -1,0 +1,120 @@
+"""A fold's run directory, RUN_DIR/fold<K>/, and the files in it: the one place that names them.
+
+    config.yaml        the resolved config          train.log        the log (rank 0)
+    metrics.csv        one row per epoch            events.*         TensorBoard scalars
+    last.pt (+.prev)   newest checkpoint            best.pt          weights of the best validation AUC
+    predictions.csv    validation predictions of the final epoch (DESIGN 3.3)
+    done.json          written last: the fold is finished (a rerun does nothing)
+
+The trainer writes them through this module, the launchers (cv, SLURM, tune) and the scorer read
+them through it. Every file is written atomically (wbs_dist.atomic): a kill leaves the old file or
+the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from wbs_dist.atomic import write_csv, write_json
+from wbs_dist.config import Config, config_from_dict, dump_config, read_mapping
+from wbs_dist.schema import PREDICTION_COLUMNS
+
+METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds", "samples_per_s")
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    run_dir: Path
+    epochs: int
+    val_auc: float | None
+    val_loss: float
+    predictions: Path
+
+
+class FoldDir:
+    """RUN_DIR/fold<K>/ of a config's run."""
+
+    def __init__(self, run_dir: str | Path, fold: int):
+        self.fold = fold
+        self.path = Path(run_dir) / f"fold{fold}"
+
+    @classmethod
+    def of(cls, cfg: Config, fold: int) -> "FoldDir":
+        return cls(cfg.run_dir, fold)
+
+    # -- names ------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def done(self) -> Path:
+        return self.path / "done.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    # -- state ------------------------------------------------------------------------------------------
+    def is_finished(self) -> bool:
+        return self.done.exists()
+
+    def result(self) -> FoldResult | None:
+        """The finished fold's result (from done.json), or None while it is not finished."""
+        if not self.done.exists():
+            return None
+        info = json.loads(self.done.read_text())
+        return FoldResult(self.fold, self.path, info["epochs"], info["val_auc"], info["val_loss"], self.predictions)
+
+    def read_config(self) -> Config:
+        return config_from_dict(read_mapping(self.config), f"in {self.config}")
+
+    # -- writes (rank 0) ------------------------------------------------------------------------------------
+    def write_config(self, cfg: Config) -> None:
+        dump_config(cfg, self.config)
+
+    def write_metrics(self, history: list[dict]) -> None:
+        write_csv(self.metrics, METRICS_COLUMNS, [[h.get(c) for c in METRICS_COLUMNS] for h in history])
+
+    def write_predictions(self, rows: list[list]) -> Path:
+        write_csv(self.predictions, PREDICTION_COLUMNS, rows)
+        return self.predictions
+
+    def write_done(self, epochs: int, val_auc: float | None, val_loss: float, lesions: int) -> FoldResult:
+        """The last write of a fold: from here on it counts as finished."""
+        write_json(self.done, {"fold": self.fold, "epochs": epochs, "val_auc": val_auc, "val_loss": val_loss,
+                               "lesions": lesions})
+        return FoldResult(self.fold, self.path, epochs, val_auc, val_loss, self.predictions)
+
+    def log_handler(self, owner_filter: logging.Filter) -> logging.Handler:
+        """A handler writing train.log, taking only the records `owner_filter` lets through."""
+        handler = logging.FileHandler(self.log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.addFilter(owner_filter)
+        return handler
+
+
+def fold_dirs(run_dir: str | Path) -> list[FoldDir]:
+    """Every fold<K>/ folder of a run directory, by K."""
+    found = sorted((int(p.name[4:]), p) for p in Path(run_dir).glob("fold*") if p.name[4:].isdigit())
+    return [FoldDir(run_dir, k) for k, _ in found]
