@@ -1,13 +1,13 @@
+"""Fixtures shared by the test modules; helpers they share are in helpers.py."""
+
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-WBS = [sys.executable, "-m", "wbs_dist.cli"]
+from helpers import ROOT, build_store
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,13 +22,6 @@ def _secret(tmp_path_factory):
         os.environ.pop("WBS_DIST_SECRET_FILE", None)
     else:
         os.environ["WBS_DIST_SECRET_FILE"] = old
-
-
-def run_cli(*args, cwd=None, timeout=600):
-    """Run `wbs-dist` as a user would: a subprocess, its exit status, stdout and stderr."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(WBS + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -46,19 +39,6 @@ def archive_copy(synth_archive, tmp_path):
     dst = tmp_path / "archive"
     shutil.copytree(synth_archive, dst)
     return dst
-
-
-def build_store(base: Path, patients: int, seed: int, k: int) -> Path:
-    """A synthetic archive ingested at a tiny training size (64 x 32) with k folds: base/store.zarr."""
-    from wbs_dist.data.folds import write_folds
-    from wbs_dist.data.ingest import ingest
-    from wbs_dist.data.store import Store
-    from wbs_dist.synth import write_archive
-
-    write_archive(base / "archive", patients, seed=seed, form="dir", progress=False)
-    assert not ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)).errors
-    write_folds(Store.open(base / "store.zarr"), k=k, seed=0)
-    return base / "store.zarr"
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +73,10 @@ def slurm_cluster():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def pytest_collection_modifyitems(items):
+    # Every test that needs the SLURM cluster is a `slurm` test, whatever module it lives in.
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)

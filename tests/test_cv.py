@@ -12,7 +12,7 @@ import yaml
 from wbs_dist.config import load_config
 from wbs_dist.launch.slurm import slurm_parameters
 
-from conftest import ROOT, build_store, run_cli
+from helpers import ROOT, build_store, run_cli
 
 GOLDEN = ROOT / "tests" / "golden"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")

@@ -171,6 +171,7 @@ def check_results(out, mode):
         assert res["is_main"] == (rank == 0)
 
 
+@pytest.mark.ddp
 def test_two_process_gloo_under_torchrun(tmp_path):
     start = time.monotonic()
     proc = subprocess.run(
@@ -197,6 +198,7 @@ def slurm_workers(out, mode):
             for r in range(2)]
 
 
+@pytest.mark.ddp
 def test_two_process_gloo_under_slurm_env(tmp_path):
     procs = slurm_workers(tmp_path, "slurm")
     outputs = [p.communicate(timeout=120)[0] for p in procs]
@@ -204,6 +206,7 @@ def test_two_process_gloo_under_slurm_env(tmp_path):
     check_results(tmp_path, "slurm")
 
 
+@pytest.mark.ddp
 def test_collective_times_out_instead_of_hanging(tmp_path):
     procs = slurm_workers(tmp_path, "hang")
     start = time.monotonic()

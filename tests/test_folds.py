@@ -7,7 +7,7 @@ from wbs_dist.data.folds import assign_folds
 from wbs_dist.schema import TUMOR_TYPES
 from wbs_dist.synth import plan_study
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, J
 
 from wbs_dist.data.store import Store
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def synthetic_objects(archive: Path):

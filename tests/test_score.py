@@ -3,7 +3,6 @@ ensemble, shards that merge to the unsharded output, kill and resume, bad inputs
 
 import csv
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from wbs_dist.infer.parts import parts_dir
 from wbs_dist.infer.score import score_archive
 from wbs_dist.synth import plan_study
 
-from conftest import ROOT, WBS
+from helpers import ROOT, WBS, kill_point_rng
 
 SYNTH_SEED = 7  # conftest's synth_archive
 
@@ -118,6 +117,15 @@ def test_summary_errors_and_overlays(full, synth_archive):
     assert len(list((full.parent / "overlays").glob("*.png"))) == 12
 
 
+def test_outputs_that_identify_patients_are_private_files(full):
+    """Scores, summaries, errors, part files and overlays carry Patient IDs, Study UIDs or the scan
+    itself: readable by their owner only, whatever the umask."""
+    files = [full, full.with_name("pred.summary.csv"), full.with_name("pred.errors.csv"),
+             *parts_dir(full).glob("part-*.json"), *(full.parent / "overlays").glob("*.png")]
+    assert len(files) > 15
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o600}
+
+
 def test_preprocessing_is_the_training_pipelines(loader_store):
     """The scorer's network input for a lesion equals the training dataset's, bit for bit."""
     from wbs_dist.data.deid import keyed_hash, load_or_create_secret
@@ -165,7 +173,7 @@ def test_kill_at_a_random_point_then_rerun_gives_each_lesion_once(full, synth_ar
     deadline = time.monotonic() + 120
     while not list(parts_dir(out).glob("part-*.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(random.Random().uniform(0.0, 0.3))
+    time.sleep(kill_point_rng("score").uniform(0.0, 0.3))
     os.killpg(proc.pid, signal.SIGKILL)  # the scorer and its worker, mid-write whatever they were doing
     proc.wait()
     done_before = len(list(parts_dir(out).glob("part-*.json")))

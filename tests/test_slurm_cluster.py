@@ -11,54 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
+from helpers import ROOT, sacct, sbatch, slurm, wait_done, wait_for
 
-
-from conftest import slurm_cluster  # noqa: F401  (the fixture lives in conftest.py)
-
-
-def _run(*cmd, timeout=30):
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr}{r.stdout}"
-    return r.stdout
-
-
-def _sbatch(*args):
-    return _run("sbatch", "--parsable", *args).strip().split(";")[0]
-
-
-def _sacct(jobid, duplicates=False):
-    """Allocation rows (not steps) of a job or array as dicts, oldest first."""
-    fields = ["JobID", "State", "Start", "End", "ExitCode"]
-    out = _run("sacct", "-j", jobid, "-X", "-P", "-n", *(["-D"] if duplicates else []),
-               "-o", ",".join(fields))
-    rows = [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
-    for row in rows:
-        row["State"] = row["State"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-    return rows
-
-
-def _wait_done(jobid, count=1, timeout=90):
-    """Poll sacct (sbatch --wait polls far more slowly) until `count` rows are all finished."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = _sacct(jobid)
-        if len(rows) == count and all(r["State"] in TERMINAL for r in rows):
-            return rows
-        if time.monotonic() > deadline:
-            squeue = subprocess.run(["squeue", "-a"], capture_output=True, text=True).stdout
-            pytest.fail(f"job {jobid} not finished after {timeout} s: {rows}\nsqueue:\n{squeue}")
-        time.sleep(0.5)
-
-
-def _wait_for(predicate, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
+pytestmark = pytest.mark.slurm
 
 
 def _stamp(value):
@@ -67,8 +22,8 @@ def _stamp(value):
 
 def test_sbatch_wrap_completes_and_is_accounted(slurm_cluster, tmp_path):
     out = tmp_path / "hello.out"
-    jobid = _sbatch("-o", out, "--wrap", "echo hello from $SLURM_JOB_ID")
-    (row,) = _wait_done(jobid)
+    jobid = sbatch("-o", out, "--wrap", "echo hello from $SLURM_JOB_ID")
+    (row,) = wait_done(jobid)
     assert row["State"] == "COMPLETED", row
     assert row["ExitCode"] == "0:0"
     assert out.read_text().strip() == f"hello from {jobid}"
@@ -90,20 +45,20 @@ def test_submitit_runs_a_python_function(slurm_cluster, tmp_path):
                                cpus_per_task=1)
     job = executor.submit(square_in_job, 12)
     # job.result() has no time-out of its own: bound the wait so a broken cluster fails, not hangs.
-    _wait_for(job.done, f"submitit job {job.job_id}", timeout=90)
+    wait_for(job.done, f"submitit job {job.job_id}", timeout=90)
     value, jobid, python = job.result()
     assert value == 144
     assert jobid == job.job_id
     assert python == sys.executable
     # submitit follows job states through sacct (hence slurmdbd): it must see the job finish.
-    _wait_for(lambda: job.watcher.get_state(job.job_id, mode="force") == "COMPLETED",
+    wait_for(lambda: job.watcher.get_state(job.job_id, mode="force") == "COMPLETED",
               "submitit to read COMPLETED from sacct", timeout=30)
 
 
 def test_job_array_packs_one_cpu_tasks_onto_the_cpus(slurm_cluster, tmp_path):
-    cpus = int(_run("sinfo", "-h", "-p", "debug", "-o", "%c").split()[0])
-    jobid = _sbatch("-a", "0-4", "-c", "1", "-o", tmp_path / "%A_%a.out", "--wrap", "sleep 3")
-    rows = _wait_done(jobid, count=5)
+    cpus = int(slurm("sinfo", "-h", "-p", "debug", "-o", "%c").split()[0])
+    jobid = sbatch("-a", "0-4", "-c", "1", "-o", tmp_path / "%A_%a.out", "--wrap", "sleep 3")
+    rows = wait_done(jobid, count=5)
     assert [r["State"] for r in rows] == ["COMPLETED"] * 5, rows
     spans = [(_stamp(r["Start"]), _stamp(r["End"])) for r in rows]
     # Most tasks running at one time (sacct has 1 s resolution; an end and a start in the same second
@@ -122,13 +77,13 @@ if [[ "${{SLURM_RESTART_COUNT:-0}}" == 0 ]]; then
     for i in $(seq 120); do sleep 0.5; done
 fi
 """)
-    jobid = _sbatch("-o", tmp_path / "%j.out", script)
-    _wait_for(lambda: marker.exists() and marker.read_text().strip(), "the first start")
-    _run("scontrol", "requeue", jobid)
-    (row,) = _wait_done(jobid, timeout=90)
+    jobid = sbatch("-o", tmp_path / "%j.out", script)
+    wait_for(lambda: marker.exists() and marker.read_text().strip(), "the first start")
+    slurm("scontrol", "requeue", jobid)
+    (row,) = wait_done(jobid, timeout=90)
     assert row["State"] == "COMPLETED", row
     assert marker.read_text().split() == ["restart=0", "restart=1"]
-    assert [r["State"] for r in _sacct(jobid, duplicates=True)] == ["REQUEUED", "COMPLETED"]
+    assert [r["State"] for r in sacct(jobid, duplicates=True)] == ["REQUEUED", "COMPLETED"]
 
 
 def test_slurm_up_again_is_a_quick_no_op(slurm_cluster):

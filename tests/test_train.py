@@ -1,7 +1,6 @@
 """`wbs-dist train`: exact resume after a signal or a kill, DDP under torchrun, bad configs named."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, WBS, run_cli
+from helpers import ROOT, WBS, kill_point_rng, run_cli
 
 CONFIG = ROOT / "configs" / "local.yaml"
 
@@ -61,7 +60,7 @@ def test_interrupted_run_resumes_to_the_same_weights_bit_for_bit(loader_store, u
     # After the first checkpoint (so a SIGKILL has something to resume from), at a random step.
     while time.time() < deadline and not (run_dir / "fold0" / "last.pt").exists():
         time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 1.5))
+    time.sleep(kill_point_rng(f"train {sig.name}").uniform(0.0, 1.5))
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
     assert not (run_dir / "fold0" / "done.json").exists(), "the signal came after the run finished"
@@ -83,6 +82,7 @@ def test_finished_fold_is_not_redone(loader_store, uninterrupted):
     assert "already finished" in res.stderr
 
 
+@pytest.mark.ddp
 def test_ddp_two_ranks_under_torchrun_with_uneven_shards(loader_store, tmp_path):
     from wbs_dist.train.dataset import lesion_index
     from wbs_dist.data.store import Store
@@ -122,3 +122,26 @@ def test_bad_config_values_exit_2_naming_the_key(loader_store, tmp_path, overrid
 def test_fold_out_of_range_exits_2(loader_store, tmp_path):
     res = run_cli("train", CONFIG, "--fold", 5, *overrides(loader_store, tmp_path))
     assert res.returncode == 2 and "--fold 5 out of range" in res.stderr
+
+
+def test_rerun_with_other_resources_resumes_but_another_lr_is_refused(loader_store, tmp_path):
+    """The most common recovery on a cluster: rerun a fold with more time, another partition, more
+    epochs. Keys that do not affect results may change on resume; lr may not (exit 2, named)."""
+    run_dir = tmp_path / "runs"
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(loader_store, run_dir, epochs=1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    fold = run_dir / "fold0"
+    first_epoch = (fold / "metrics.csv").read_text().splitlines()[1]
+    # As if killed after the last checkpoint, before done.json: a rerun resumes from last.pt.
+    (fold / "done.json").unlink()
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(
+        loader_store, run_dir, epochs=2, slurm_time_min=999, slurm_partition="long", slurm_nodes=2,
+        num_workers=1, checkpoint_every=5))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = (fold / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1] == first_epoch      # resumed: epoch 0 kept as it was, epoch 1 trained
+    assert "resumed from" in (fold / "train.log").read_text()
+    (fold / "done.json").unlink()
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(loader_store, run_dir, epochs=3, lr=0.01))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "lr: 0.001 -> 0.01" in res.stderr and "Traceback" not in res.stderr

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, WBS, run_cli
-from test_slurm_cluster import _wait_done
+from helpers import ROOT, WBS, run_cli, wait_done
 
 CONFIG = ROOT / "configs" / "tune.yaml"
 BASE_EPOCHS = 5       # the base config's: best.yaml must carry them, not the sweep's max_epochs
@@ -236,7 +235,7 @@ def test_sbatch_tune_sh_runs_a_sweep_and_leaves_no_ray_behind(slurm_cluster, loa
     jobid = subprocess.run(["sbatch", "--parsable", "-o", str(out), str(ROOT / "slurm" / "tune.sh"), *args],
                            capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().split(";")[0]
     try:
-        (row,) = _wait_done(jobid, timeout=400)
+        (row,) = wait_done(jobid, timeout=400)
     finally:
         subprocess.run(["scancel", jobid], capture_output=True)
     text = out.read_text() if out.exists() else ""

@@ -48,20 +48,34 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _open_temp(path: Path, mode: int | None) -> tuple[IO[bytes], Path]:
+    """A new file beside `path` (same file system: the rename is atomic) with the mode asked for."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, DEFAULT_MODE if mode is None else mode)
+        return os.fdopen(fd, "wb"), Path(name)
+    except BaseException:
+        os.close(fd)
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def _sync(fh: IO[bytes]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
 @contextlib.contextmanager
 def replace(path: Path, mode: int | None = None, previous: Path | None = None) -> Iterator[IO[bytes]]:
     """`with replace(path) as fh: fh.write(...)`: `path` is replaced when the block ends without an
     exception, and left as it was otherwise. `previous`: keep the replaced file under that name
     (checkpoints keep one fallback)."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    fh, tmp = _open_temp(path, mode)
     try:
-        os.fchmod(fd, DEFAULT_MODE if mode is None else mode)
-        with os.fdopen(fd, "wb") as fh:
+        with fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+            _sync(fh)
         if previous is not None and path.exists():
             os.replace(path, previous)
         os.replace(tmp, path)
@@ -97,14 +111,11 @@ def create_once(path: Path, data: bytes, mode: int | None = None) -> bool:
     """Create `path` holding `data` unless it exists: of several processes racing, exactly one wins
     (a hard link never replaces). True when this call created it."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    fh, tmp = _open_temp(path, mode)
     try:
-        os.fchmod(fd, DEFAULT_MODE if mode is None else mode)
-        with os.fdopen(fd, "wb") as fh:
+        with fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            _sync(fh)
         try:
             os.link(tmp, path)
         except FileExistsError:
