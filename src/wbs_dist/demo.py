@@ -42,11 +42,16 @@ def run_demo(out: Path, patients: int = 60, seed: int = 0, workers: int = 2) -> 
     os.environ.setdefault("WBS_DIST_SECRET_FILE", str(out / "secret"))
     if not archive.exists():
         print(f"[demo] 1/5 synthesising {patients} patients into {archive}", flush=True)
-        write_archive(archive, patients, seed, "dir")
+        s = write_archive(archive, patients, seed, "dir")
+        print(f"[demo]     {s['studies']} studies ({s['annotated_studies']} annotated), {s['lesions']} lesions, "
+              f"{s['bytes'] / 1e6:.1f} MB of DICOM", flush=True)
     else:
         print(f"[demo] 1/5 archive {archive} already there", flush=True)
     print(f"[demo] 2/5 ingesting into {store}", flush=True)
     ingested = ingest(archive, store=store, workers=workers, train_size=cfg.train_size)
+    c = ingested.counts
+    print(f"[demo]     {c['studies']} studies ({ingested.written} new), {c['lesions']} lesions "
+          f"({c['malignant_lesions']} malignant)", flush=True)
     if ingested.errors:
         raise UsageError(f"ingest of the synthetic archive skipped {len(ingested.errors)} input(s); see "
                          f"{ingested.errors_path}")
