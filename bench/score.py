@@ -109,7 +109,8 @@ def end_to_end(args, archive: Path, run: Path, out: Path) -> dict:
 
 def decode_only(args, archive: Path, height: int, width: int) -> tuple[dict, list]:
     """The scorer's worker side over every study, in args.workers spawned processes."""
-    from wbs_dist.data.studies import StudyPool, StudySource, group_studies
+    from wbs_dist.data.studies import StudySource, group_studies
+    from wbs_dist.data.workers import StudyPool
     from wbs_dist.infer import score
 
     with StudySource.open(archive) as source, \

@@ -19,9 +19,10 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE", "PREEMPTED"}
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    """Run `wbs-dist` as a user would: a subprocess, its exit status, stdout and stderr."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """Run `wbs-dist` as a user would: a subprocess, its exit status, stdout and stderr. `env`: extra
+    environment variables."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(WBS + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=timeout)
 

@@ -54,3 +54,43 @@ def test_publish_dir_moves_a_whole_folder_or_reports_the_winner(tmp_path):
     assert atomic.publish_dir(tmp_path / "a", tmp_path / "final")
     assert not atomic.publish_dir(tmp_path / "b", tmp_path / "final")    # another writer won
     assert (tmp_path / "final" / "zarr.json").read_text() == "a" and (tmp_path / "b").exists()
+
+
+def test_formula_safe_csv_quotes_text_cells_that_a_spreadsheet_would_run(tmp_path):
+    import csv
+
+    hostile = ['=HYPERLINK("http://x","y")', "+1+2", "-2+3", "@SUM(A1)", "\tx", "\rx", "\nx"]
+    row = hostile + ["1.2.840.1", "", 7, -0.5]
+    atomic.write_csv(tmp_path / "scores.csv", [f"c{i}" for i in range(len(row))], [row], formula_safe=True)
+    with open(tmp_path / "scores.csv", newline="") as fh:
+        (got,) = list(csv.reader(fh))[1:]
+    assert got == ["'" + h for h in hostile] + ["1.2.840.1", "", "7", "-0.5"]  # numbers stay numbers
+    # Off by default: files the pipeline reads back keep their values.
+    atomic.write_csv(tmp_path / "plain.csv", ["a"], [["-0.5"]])
+    assert (tmp_path / "plain.csv").read_text().splitlines()[1] == "-0.5"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000, 0o277])
+def test_private_dir_is_0700_whatever_the_umask(tmp_path, umask):
+    old = os.umask(umask)   # 0o277: mkdir's mode alone would give 0500
+    try:
+        assert atomic.private_dir(tmp_path / "parts")
+        assert not atomic.private_dir(tmp_path / "parts")     # there already
+        (tmp_path / "shared").mkdir()
+        os.chmod(tmp_path / "shared", 0o750)
+        assert not atomic.private_dir(tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "parts").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o750  # a folder its owner made is left alone
+
+
+@pytest.mark.parametrize("name", ["../x.png", "./../../escaped.png", "1.2.3/../../escaped.png", "a/b.png",
+                                  "/etc/x.png", "..", ".", "", "x\0.png"])
+def test_inside_refuses_a_name_that_leaves_its_folder(tmp_path, name):
+    with pytest.raises(atomic.OutsideFolder):
+        atomic.inside(tmp_path / "overlays", name)
+
+
+def test_inside_keeps_a_plain_name(tmp_path):
+    assert atomic.inside(tmp_path / "overlays", "1.2.840.10008.png") == tmp_path / "overlays" / "1.2.840.10008.png"

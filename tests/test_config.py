@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from wbs_dist.config import Config, load_config
+from wbs_dist.config import Config, config_from_dict, load_config
 from wbs_dist.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -66,3 +66,72 @@ def test_config_knows_every_model():
     from wbs_dist.train import models
 
     assert config.MODELS == models.MODELS
+
+
+# -- values that reach a job script (submitit's #SBATCH lines, the setup lines, the log folder) ------
+@pytest.mark.parametrize("key, value", [
+    ("slurm_partition", "debug\n#SBATCH --time=1"),
+    ("slurm_partition", "debug partition"),
+    ("slurm_partition", "debug;touch /tmp/x"),
+    ("slurm_partition", "$(id)"),
+    ("slurm_partition", "gpu,"),
+    ("slurm_account", "proj\n"),
+    ("slurm_account", "proj,other"),        # one account, not a list
+    ("slurm_account", "`id`"),
+    ("slurm_setup", "module load cuda\r\n"),
+    ("slurm_setup", "module load cuda\0"),
+    ("slurm_setup", "module load\x1bcuda"),
+    ("slurm_setup", "#SBATCH --time=1"),
+    ("slurm_setup", "module load cuda\n  #SBATCH --partition=other"),
+    ("slurm_setup", "module load cuda; #SBATCH --time=1"),
+    ("slurm_setup", "#PBS -l walltime=1"),
+    ("run_dir", "runs/a\n#SBATCH --time=1"),
+    ("run_dir", "runs/a\tb"),
+    ("run_dir", "runs/a\rb"),
+    ("store", "data/store\n.zarr"),
+])
+def test_values_that_reach_the_job_script_are_checked_when_read(key, value):
+    """In code, in a YAML file and on the command line alike, naming the key."""
+    with pytest.raises(ConfigError, match=key):
+        config_from_dict({key: value})
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_a_newline_in_an_override_is_not_cut_off_as_a_yaml_comment():
+    # YAML alone reads 'debug\n#SBATCH --time=1' as 'debug' and a comment: the value would pass unseen.
+    with pytest.raises(ConfigError, match="slurm_partition.*SLURM name"):
+        load_config(None, ["slurm_partition=debug\n#SBATCH --time=1"])
+
+
+def test_a_yaml_block_in_slurm_partition_names_the_key_and_file(tmp_path):
+    (tmp_path / "cv.yaml").write_text("slurm_partition: |\n  debug\n  #SBATCH --time=1\n")
+    with pytest.raises(ConfigError, match="'slurm_partition'"):
+        load_config(tmp_path / "cv.yaml")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("slurm_partition", "gpu"), ("slurm_partition", "gpu,debug"), ("slurm_partition", "a100-80g_x.1"),
+    ("slurm_account", "proj-123_a.b"), ("slurm_account", ""),
+    ("slurm_setup", "module load cuda/12.4; source /shared/wbs/.venv/bin/activate"),
+    ("slurm_setup", "module load cuda/12.4\nsource \"$HOME/venv/bin/activate\"\n# a comment\n"),
+    ("slurm_setup", "echo 'module: command not found' >&2; exit 3"),
+    ("run_dir", "/scratch/my runs/baseline"),
+])
+def test_ordinary_values_still_load(key, value):
+    assert getattr(config_from_dict({key: value}), key) == value
+
+
+@pytest.mark.parametrize("override, key", [
+    ("name=..", "name"),
+    ("name=.", "name"),
+    ("name=lr\nbatch", "name"),
+    ("ray_temp_dir=/tmp/ray\n-wbs", "ray_temp_dir"),
+    ("storage_path=runs/\0tune", "storage_path"),
+    ("base=baseline.yaml\0", "base"),
+])
+def test_tune_keys_that_name_paths_are_checked(override, key):
+    from wbs_dist.launch.tune import load_tune
+
+    with pytest.raises(ConfigError, match=f"tune key '{key}'"):
+        load_tune(CONFIGS / "tune.yaml", [override])

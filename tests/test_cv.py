@@ -113,7 +113,9 @@ def test_requeued_fold_resumes_and_ends_like_an_uninterrupted_run(slurm_cluster,
     assert "resumed from" in (tmp_path / "runs" / "fold1" / "train.log").read_text()
     # The same fold, uninterrupted, in this machine's own process.
     ref_cfg = tiny_config(tmp_path / "ref.yaml", cv_store, tmp_path / "ref", **extra)
-    res = run_cli("train", ref_cfg, "--fold", 1)
+    # As many threads as the job's task had (slurm_cpus_per_task): CPU kernels sum in another order
+    # with another thread count, and the comparison is bit for bit.
+    res = run_cli("train", ref_cfg, "--fold", 1, env={"SLURM_CPUS_PER_TASK": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "runs" / "fold1" / "predictions.csv").read_bytes() == \
         (tmp_path / "ref" / "fold1" / "predictions.csv").read_bytes()
@@ -154,3 +156,41 @@ def test_sbatch_train_folds_sh_then_cv_local_reports(slurm_cluster, cv_store, tm
     assert res.stderr.count("already finished") == 5
     metrics = json.loads((tmp_path / "runs" / "report" / "metrics.json").read_text())
     assert sorted(metrics["lesion"]["folds"]) == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("how, key", [
+    ("override", "slurm_partition"),
+    ("yaml_block", "slurm_partition"),
+    ("setup_directive", "slurm_setup"),
+    ("account_shell", "slurm_account"),
+    ("run_dir_newline", "run_dir"),
+])
+def test_injection_into_the_job_script_exits_2_and_submits_nothing(tmp_path, how, key):
+    """A newline in slurm_partition (say from a YAML `|` block) would end its #SBATCH line: the next
+    line becomes a directive of its own (here a 1-minute limit) and shell after it runs. Refused
+    when the config is read, naming the key: no job script, no RUN_DIR/slurm. No cluster needed."""
+    run = tmp_path / "runs"
+    cfg = tiny_config(tmp_path / "cv.yaml", tmp_path / "no-store.zarr", run)
+    extra = []
+    if how == "override":
+        extra = ["slurm_partition=debug\n#SBATCH --time=1"]
+    elif how == "yaml_block":
+        cfg.write_text(cfg.read_text() + "slurm_partition: |\n  debug\n  #SBATCH --time=1\n")
+    elif how == "setup_directive":
+        cfg.write_text(cfg.read_text() + "slurm_setup: |\n  module load cuda\n  #SBATCH --partition=other\n")
+    elif how == "account_shell":
+        extra = ["slurm_account=proj;touch " + str(tmp_path / "pwned")]
+    else:
+        extra = [f"run_dir={run}\n#SBATCH --time=1"]
+    res = run_cli("cv", cfg, "--launcher", "slurm", *extra)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"config key '{key}'" in res.stderr and "Traceback" not in res.stderr
+    assert not run.exists() and not list(tmp_path.glob("runs*")) and not (tmp_path / "pwned").exists()
+
+
+def test_a_config_built_in_code_is_checked_before_it_reaches_the_job_script():
+    from wbs_dist.config import Config
+    from wbs_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="slurm_partition"):
+        slurm_parameters(Config(slurm_partition="debug\n#SBATCH --time=1"))

@@ -75,7 +75,10 @@ def test_slurm_env(clean_env):
     slurm(clean_env)
     env = wdist.detect()
     assert (env.rank, env.local_rank, env.world_size, env.source) == (3, 1, 4, "slurm")
-    assert (env.master_addr, env.master_port) == ("gpu07", 10000 + 123456 % 20000)
+    # No port from the environment: rank 0 gets one from the system and publishes it (init_process_group).
+    assert (env.master_addr, env.master_port, env.rendezvous) == ("gpu07", None, "123456-0-0")
+    clean_env.setenv("SLURM_RESTART_COUNT", "2")        # a requeued job's next attempt meets anew
+    assert wdist.detect().rendezvous == "123456-2-0"
 
 
 def test_slurm_env_overrides(clean_env):
@@ -189,9 +192,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def slurm_workers(out, mode):
-    common = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1",
-              "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(free_port())}
+def slurm_workers(out, mode, job="1", port=True):
+    common = {"SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": job, "SLURM_JOB_NODELIST": "localhost"}
+    if port:
+        common["MASTER_PORT"] = str(free_port())
     return [subprocess.Popen(WORKER + [str(out), mode], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True,
                              env=worker_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **common))
@@ -204,6 +208,22 @@ def test_two_process_gloo_under_slurm_env(tmp_path):
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     check_results(tmp_path, "slurm")
+
+
+@pytest.mark.ddp
+def test_two_jobs_on_one_node_never_share_a_rendezvous_port(tmp_path):
+    """Job ids 20,000 apart mapped to one port before (10000 + id % 20000): the second job could not
+    start, or joined the first. Ports now come from the system, published in each run directory."""
+    outs = [tmp_path / "job1", tmp_path / "job20001"]
+    for out in outs:
+        out.mkdir()
+    procs = slurm_workers(outs[0], "slurm", job="1", port=False) + \
+        slurm_workers(outs[1], "slurm", job="20001", port=False)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    for out in outs:
+        check_results(out, "slurm")
+        assert not list(out.glob(".rendezvous-*"))     # served its turn, removed
 
 
 @pytest.mark.ddp
@@ -221,7 +241,7 @@ def test_collective_times_out_instead_of_hanging(tmp_path):
 def worker(out: Path, mode: str) -> None:
     if mode == "hang":
         env = wdist.detect()
-        wdist.init_process_group(env, timeout_s=3)
+        wdist.init_process_group(env, timeout_s=3, rendezvous_dir=out)
         if env.rank == 1:
             time.sleep(60)  # never joins: rank 0's all_reduce must give up after 3 s
         try:
@@ -231,8 +251,8 @@ def worker(out: Path, mode: str) -> None:
             os._exit(0)  # skip destroying a group whose peer is gone
         os._exit(1)
     env = wdist.detect()
-    wdist.init_process_group(env, timeout_s=30)
-    wdist.init_process_group(env, timeout_s=30)  # idempotent
+    wdist.init_process_group(env, timeout_s=30, rendezvous_dir=out)
+    wdist.init_process_group(env, timeout_s=30, rendezvous_dir=out)  # idempotent
     flag = PreemptionFlag().install()
     if env.rank == 1:
         os.kill(os.getpid(), signal.SIGUSR2)  # as under submitit: one rank gets the signal

@@ -215,3 +215,38 @@ def test_kill_then_rerun_equals_uninterrupted(synth_archive, ingested, tmp_path)
     assert res.returncode == 0, res.stderr
     assert f"{12 - n_done} new" in res.stdout, res.stdout
     assert store_snapshot(killed) == store_snapshot(store)
+
+
+def test_sigterm_during_a_tar_ingest_leaves_no_files_and_no_processes(synth_archive, tmp_path):
+    """scancel or a time limit mid-ingest: the extracted DICOM files (names, MRNs) are removed, the
+    worker processes stop with the run, and a rerun finishes the store."""
+    import tarfile
+
+    tar = tmp_path / "export.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(synth_archive, arcname=".")
+    scratch_dir = tmp_path / "tmp"
+    scratch_dir.mkdir()
+    store = tmp_path / "store.zarr"
+    env = dict(os.environ, TMPDIR=str(scratch_dir), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(WBS + ["ingest", str(tar), "--store", str(store), "--workers", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(scratch_dir.glob("wbs-dist-tar-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert not list(scratch_dir.glob("wbs-dist-*"))
+    # No process of the run is left (the spawned workers carry the run's TMPDIR in their environment).
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"TMPDIR={scratch_dir}".encode() in environ.read_bytes():
+                left.append(environ.parent.name)
+        except OSError:
+            pass
+    assert not left, f"processes left behind: {left}"
+    res = run_cli("ingest", tar, "--store", store)
+    assert res.returncode == 0 and "12 studies" in res.stdout, res.stdout + res.stderr

@@ -8,7 +8,8 @@ import pytest
 import torch
 import zarr
 
-from wbs_dist.train.dataset import LesionDataset, lesion_index, mirror_views
+from wbs_dist.preprocess import mirror_views
+from wbs_dist.train.dataset import LesionDataset, lesion_index
 from wbs_dist.train.loader import LesionLoader, StudyCache, epoch_plan, steps_per_epoch
 from wbs_dist.data.store import Store, StoreError
 

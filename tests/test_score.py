@@ -130,7 +130,8 @@ def test_preprocessing_is_the_training_pipelines(loader_store):
     """The scorer's network input for a lesion equals the training dataset's, bit for bit."""
     from wbs_dist.data.deid import keyed_hash, load_or_create_secret
     from wbs_dist.data.store import Store
-    from wbs_dist.data.studies import StudyPool, StudySource, group_studies
+    from wbs_dist.data.studies import StudySource, group_studies
+    from wbs_dist.data.workers import StudyPool
     from wbs_dist.infer import score
     from wbs_dist.preprocess import make_input, normalise
     from wbs_dist.train.dataset import LesionDataset, lesion_index
@@ -249,3 +250,114 @@ def test_usage_errors_exit_2(nm1_archive, run_dir, tmp_path):
     assert main(["score", str(nm1_archive), "--run", str(run_dir), "--out", out, "--shard", "3/3"]) == 2
     assert main(["score", str(nm1_archive), "--run", str(tmp_path / "nope"), "--out", out]) == 2
     assert main(["score", str(nm1_archive), "--run", str(run_dir), "--out", out, "--fold", "7"]) == 2
+
+
+# -- hostile values in the archive: path tricks in a Study Instance UID, a formula in a Patient ID -----
+HOSTILE_PATIENT = '=HYPERLINK("http://x","y")'
+HOSTILE_UIDS = ("1.2.3/../../escaped", "./../../x")
+HOSTILE_MEMBER = "=1+2.txt"
+
+
+@pytest.fixture(scope="module")
+def hostile_archive(synth_archive, tmp_path_factory):
+    """Three studies of the synthetic archive: an annotated one whose Patient ID is a spreadsheet
+    formula, and two whose Study Instance UIDs are path tricks (their annotation rows left out: the
+    candidate path); plus a non-DICOM member whose name is a formula (listed as an error)."""
+    arc = tmp_path_factory.mktemp("hostile") / "archive"
+    by_study: dict[str, list[Path]] = {}
+    for p in sorted(p for p in (synth_archive / "DICOM").rglob("*") if p.is_file()):
+        by_study.setdefault(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID, []).append(p)
+    rows = rows_of(synth_archive / "annotations.csv")
+    annotated = min({r["study_uid"] for r in rows} & set(by_study))
+    others = [u for u in sorted(by_study) if u != annotated][:2]
+    plan = {annotated: (annotated, HOSTILE_PATIENT), others[0]: (HOSTILE_UIDS[0], None),
+            others[1]: (HOSTILE_UIDS[1], None)}
+    settings = pydicom.config.settings
+    modes = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        for n, (uid, (new_uid, patient)) in enumerate(plan.items()):
+            for i, src in enumerate(by_study[uid]):
+                ds = pydicom.dcmread(src)
+                ds.StudyInstanceUID = new_uid
+                if patient is not None:
+                    ds.PatientID = patient
+                dst = arc / "DICOM" / f"S{n}" / f"IM{i}"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(dst)
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = modes
+    with open(synth_archive / "annotations.csv", newline="") as fh:
+        lines = fh.read().splitlines(keepends=True)
+    (arc / "annotations.csv").write_text(lines[0] + "".join(line for line in lines[1:] if line.startswith(annotated + ",")))
+    shutil.copytree(synth_archive / "masks" / annotated, arc / "masks" / annotated)
+    (arc / HOSTILE_MEMBER).write_text("not DICOM\n")
+    return arc, annotated
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_hostile_uids_and_ids_neither_escape_nor_crash_and_outputs_stay_private(hostile_archive, run_dir, tmp_path,
+                                                                                  umask):
+    """A Study Instance UID `./../../x` or `1.2.3/../../escaped` named an overlay two folders up, or
+    crashed the run; a Patient ID `=HYPERLINK(...)` landed as a live formula; outputs followed the
+    umask. Now: overlays named by a hash of such a UID, inside their folder; formula cells quoted;
+    files 0600 and the parts and overlay folders 0700 whatever the umask."""
+    import hashlib
+
+    from wbs_dist.evaluate.predictions import read_predictions
+
+    arc, annotated = hostile_archive
+    base = tmp_path / "a" / "b"          # '../../' from base/overlays would land in tmp_path
+    out, overlays = base / "pred.csv", base / "overlays"
+    res = subprocess.run(WBS + ["score", str(arc), "--run", str(run_dir), "--out", str(out), "--overlays",
+                                str(overlays), "--workers", "0"], check=False, capture_output=True, text=True,
+                         timeout=600, preexec_fn=lambda: os.umask(umask), env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 3, res.stderr[-3000:]       # 3: the non-DICOM member, listed
+    assert "Traceback" not in res.stderr
+
+    # Nothing outside the output folder; one overlay per study, inside it, a hash for the bad UIDs.
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(base)] == []
+    hashed = {"uid-" + hashlib.sha256(u.encode()).hexdigest()[:16] + ".png" for u in HOSTILE_UIDS}
+    assert {p.name for p in overlays.iterdir()} == {annotated + ".png"} | hashed
+    assert [p for p in tmp_path.rglob("*.png") if p.parent != overlays] == []
+
+    # The UIDs come back as they are (the site acts on them); formula cells are quoted.
+    pred, summary = rows_of(out), rows_of(out.with_name("pred.summary.csv"))
+    assert {r["study_uid"] for r in summary} == {annotated, *HOSTILE_UIDS}
+    for rows in (pred, summary):
+        assert {r["patient_id"] for r in rows if r["study_uid"] == annotated} == {"'" + HOSTILE_PATIENT}
+        assert not any(v.startswith(("=", "+", "-", "@")) for r in rows for v in r.values())
+    errors = rows_of(out.with_name("pred.errors.csv"))
+    assert [r["path"] for r in errors] == ["'" + HOSTILE_MEMBER]
+    # The report's reader still reads the scorer's file: scores and labels are unchanged.
+    assert "'" + HOSTILE_PATIENT in set(read_predictions(out).patient_id)
+
+    parts = parts_dir(out)
+    files = [out, out.with_name("pred.summary.csv"), out.with_name("pred.errors.csv"), *parts.iterdir(),
+             *overlays.iterdir()]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o600)}
+    assert {oct(d.stat().st_mode & 0o777) for d in (parts, overlays)} == {oct(0o700)}
+
+
+def test_report_reads_the_scorers_csv(full, tmp_path):
+    """The formula-safe CSV is still a predictions CSV that `wbs-dist report` analyses."""
+    from wbs_dist.cli import main
+
+    assert main(["report", str(full), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "metrics.json").exists()
+
+
+def test_a_second_scorer_of_the_same_output_is_refused(full, synth_archive, run_dir, tmp_path):
+    """Two runs writing one output's parts would score every study twice and race to merge."""
+    from wbs_dist.infer.parts import parts_dir
+    from wbs_dist.lock import Lock, Locked
+
+    out = tmp_path / "pred.csv"
+    assert not score_archive(synth_archive, run_dir, out, shard="0/3", workers=0).errors
+    with Lock(parts_dir(out) / ".all.lock", "another wbs-dist score"):
+        with pytest.raises(Locked, match="scoring output .* is in use by .*another wbs-dist score"):
+            score_archive(synth_archive, run_dir, out, workers=0)
+    # Another shard of the same output is another writer: it may run beside it.
+    with Lock(parts_dir(out) / ".all.lock", "the merge"):
+        assert not score_archive(synth_archive, run_dir, out, shard="1/3", workers=0).errors
+    assert not score_archive(synth_archive, run_dir, out, workers=0).errors

@@ -145,3 +145,17 @@ def test_rerun_with_other_resources_resumes_but_another_lr_is_refused(loader_sto
     res = run_cli("train", CONFIG, "--fold", 0, *overrides(loader_store, run_dir, epochs=3, lr=0.01))
     assert res.returncode == 2, res.stderr[-3000:]
     assert "lr: 0.001 -> 0.01" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_two_trainers_on_one_fold_the_second_is_refused(loader_store, tmp_path):
+    run_dir = tmp_path / "runs"
+    first = subprocess.Popen(WBS + ["train", str(CONFIG), "--fold", "0", *overrides(loader_store, run_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "fold0" / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = run_cli("train", CONFIG, "--fold", 0, *overrides(loader_store, run_dir))
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 1 and "fold 0 of" in second.stderr and "is in use by pid" in second.stderr
+    assert not (run_dir / "fold0" / ".lock").exists()

@@ -7,7 +7,10 @@ folder). Checkpoints, done.json, predictions, metrics, reports, score parts and 
 lists and the pseudonym secret all go through here; so do the store's study folders (`publish_dir`).
 
 `mode` is the new file's permission bits. The default follows the umask as `open()` would; pass
-PRIVATE for outputs that identify patients (scores, part files, overlays) or hold a secret.
+PRIVATE for outputs that identify patients (scores, part files, overlays) or hold a secret, and
+create their folders with `private_dir`. `inside` keeps a file name that comes from data (a study
+UID) from leaving its folder; `write_csv(..., formula_safe=True)` keeps a cell that comes from data
+(a Patient ID) from being run as a spreadsheet formula.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from pathlib import Path
 from typing import IO, Iterator
 
 PRIVATE = 0o600
+PRIVATE_DIR = 0o700
+
+# A cell starting with one of these is a formula (or starts one) when a spreadsheet opens the CSV:
+# `=HYPERLINK(...)` in a Patient ID would be live. OWASP's list (CSV injection), plus the line feed.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
 def _umask_mode() -> int:
@@ -98,13 +106,60 @@ def write_json(path: Path, obj, mode: int | None = None, indent: int | None = 1)
     write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n", mode)
 
 
-def write_csv(path: Path, header, rows, mode: int | None = None) -> None:
-    """Replace `path` with a CSV of `header` and `rows`, all or nothing."""
+def formula_safe_cell(value):
+    """A text cell that a spreadsheet would read as a formula, prefixed with a single quote (the
+    OWASP recommendation: shown as text, the quote hidden); anything else as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_csv(path: Path, header, rows, mode: int | None = None, formula_safe: bool = False) -> None:
+    """Replace `path` with a CSV of `header` and `rows`, all or nothing.
+
+    `formula_safe`: for CSVs that carry strings from outside (Patient IDs, UIDs, archive member
+    names, error messages quoting them) and that people open in a spreadsheet. Only `str` cells
+    are touched; numbers passed as numbers are written as they are. Leave it off for files the
+    pipeline writes and reads back itself (a quoted cell would read back as another value)."""
     text = io.StringIO(newline="")
     w = csv.writer(text)
     w.writerow(header)
+    if formula_safe:
+        rows = ([formula_safe_cell(v) for v in row] for row in rows)
     w.writerows(rows)
     write_text(path, text.getvalue(), mode)
+
+
+def private_dir(folder: Path) -> bool:
+    """Make sure `folder` exists (parents as the umask says); a folder this call creates is mode
+    0700 whatever the umask (mkdir's mode passes through the umask, hence the chmod). An existing
+    folder is left as its owner made it. True when this call created it."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=PRIVATE_DIR)
+    except FileExistsError:
+        if not folder.is_dir():
+            raise
+        return False
+    os.chmod(folder, PRIVATE_DIR)
+    return True
+
+
+class OutsideFolder(ValueError):
+    """A file name that would put the file outside its folder."""
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name`, checked to be a file directly in `folder`: a name with a separator, `..`,
+    NUL or nothing left is refused (OutsideFolder), whatever the data it came from. Compared after
+    resolving the folder, without following the file itself: writes replace a link, never write
+    through it."""
+    base = Path(folder).resolve()
+    target = Path(os.path.normpath(base / name)) if name and "\0" not in name else base
+    if target.parent != base or target.name in ("", ".", "..") or target.name != name:
+        raise OutsideFolder(f"refusing to write {name!r}: not a file name inside {folder}")
+    return Path(folder) / name
 
 
 def create_once(path: Path, data: bytes, mode: int | None = None) -> bool:

@@ -9,7 +9,9 @@ alone parses arguments, calls them, prints what they return and maps errors to e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -63,7 +65,8 @@ def _cmd_ingest(args) -> int:
     from wbs_dist.data.ingest import ingest
 
     r = ingest(args.archive, store=args.store, annotations=args.annotations, secret_file=args.secret_file,
-               workers=args.workers, train_size=args.train_size, errors_path=args.errors)
+               workers=args.workers, train_size=args.train_size, errors_path=args.errors,
+               max_object_mb=args.max_object_mb, max_views=args.max_views)
     c = r.counts
     print(f"store {r.store}: {c['studies']} studies ({r.written} new, {r.already} already there), "
           f"{c['annotated_studies']} annotated, {c['lesions']} lesions ({c['malignant_lesions']} malignant)")
@@ -157,7 +160,8 @@ def _cmd_score(args) -> int:
 
     r = score_archive(args.archive, run=args.run, out=args.out, fold=args.fold, shard=args.shard,
                       overlays=args.overlays, workers=args.workers, batch=args.batch,
-                      annotations=args.annotations, part_size=args.part_size)
+                      annotations=args.annotations, part_size=args.part_size,
+                      max_object_mb=args.max_object_mb, max_views=args.max_views)
     if r.shard is not None:
         print(f"shard {r.shard[0]}/{r.shard[1]}: {r.scored} studies scored ({r.already} already done), "
               f"{r.lesions} lesions, {r.seconds:.1f} s; run without --shard to write {r.out}")
@@ -174,6 +178,28 @@ def _size(text: str):
         return Size.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+        return value
+    return parse
+
+
+def _add_budgets(s: argparse.ArgumentParser) -> None:
+    """Ingest and score refuse, as listed errors, inputs beyond these before decoding them."""
+    s.add_argument("--max-object-mb", type=_positive(float), default=256, metavar="MB",
+                   help="largest pixel data (MiB) a DICOM object, and a study, may declare: rows x columns x "
+                   "frames x bytes, checked from the header before decoding; archive members may be this plus "
+                   "64 MiB (default 256; a whole-body NM object is about 1)")
+    s.add_argument("--max-views", type=_positive(int), default=8, metavar="N",
+                   help="most views (frames) one study may declare (default 8)")
 
 
 def _config_epilog() -> str:
@@ -214,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-resolution level HEIGHTxWIDTH, both views side by side (default 512x256)")
     s.add_argument("--errors", type=Path, default=None,
                    help="CSV listing skipped inputs and reasons (default: STORE.errors.csv beside the store)")
+    _add_budgets(s)
     s.set_defaults(func=_cmd_ingest)
 
     s = sub.add_parser("folds", help="patient-grouped stratified k-fold split, written into the store",
@@ -303,8 +330,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lesions per forward pass, across studies (default 32)")
     s.add_argument("--part-size", type=int, default=64, metavar="N",
                    help="studies per results part file (default 64); a kill loses at most the unwritten ones")
+    _add_budgets(s)
     s.set_defaults(func=_cmd_score)
     return p
+
+
+# Commands that SIGTERM (SLURM's time limit, scancel) stops cleanly: the signal becomes an exception,
+# so every `with` block unwinds (the worker processes are terminated, a tar's extraction with its
+# names and MRNs is removed) and a rerun finishes the work. `train` handles SIGTERM itself: it saves
+# at the next step and exits 75 to be requeued.
+STOPPABLE = ("ingest", "score")
+
+
+class Terminated(BaseException):
+    """Like KeyboardInterrupt, not an Exception: no reader of one input may take it for that input's
+    error and carry on."""
+
+    exit_code = 143                          # 128 + SIGTERM, as a shell reports a process it terminated
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    def handler(signum, frame):
+        raise Terminated(f"stopped by {signal.Signals(signum).name}: nothing half-written is kept; rerun the "
+                         "same command to finish")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.command in STOPPABLE:
+            with _sigterm_stops():
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except WbsError as exc:
         print(f"wbs-dist {args.command}: error: {exc}", file=sys.stderr)
@@ -326,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"wbs-dist {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"wbs-dist {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:  # a bug, not a bad input: keep the traceback for the report
         if args.verbose:
             raise

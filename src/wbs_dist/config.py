@@ -13,6 +13,8 @@ the fields, so a new key cannot be forgotten: it must say which it is.
 from __future__ import annotations
 
 import dataclasses
+import re
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, get_type_hints
@@ -75,10 +77,60 @@ def one_of(*allowed) -> Callable[[Any], str | None]:
     return lambda v: None if v in allowed else f"must be one of {', '.join(map(str, allowed))}"
 
 
+# -- values that reach a job script ------------------------------------------------------------------
+# submitit writes the slurm_* values, and the log folder under run_dir, into `#SBATCH --key=value`
+# lines (shell-quoted, but quoting does not stop a newline: `debug\n#SBATCH --time=1` becomes a
+# directive of its own and shell lines after it). So these are checked when the config is read,
+# before anything is submitted.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.-]+")     # ASCII only: partition and account names
+# Lines sbatch reads as job directives while it scans the script's leading comments (#PBS and #BSUB:
+# sbatch honours them unless --ignore-pbs).
+DIRECTIVES = ("#SBATCH", "#PBS", "#BSUB")
+
+
+def control_chars(text: str, allow: str = "") -> list[str]:
+    """The control characters in `text` (C0, DEL, C1, and the Unicode line/paragraph separators,
+    which str.splitlines breaks at), as repr()s, except those in `allow`."""
+    return sorted({repr(c) for c in text
+                   if c not in allow and (unicodedata.category(c) == "Cc" or c in "\u2028\u2029")})
+
+
+def no_control_chars(where: str) -> Callable[[str], str | None]:
+    """A path or name that ends up in a line of a job script or a file name: one line, printable."""
+    def test(v: str) -> str | None:
+        bad = control_chars(v)
+        return f"must not contain control characters ({', '.join(bad)}): {where}" if bad else None
+    return test
+
+
+def slurm_name(several: bool = False) -> Callable[[str], str | None]:
+    """Empty (SLURM's default) or a SLURM name; `several`: a comma-separated list of names."""
+    def test(v: str) -> str | None:
+        if v == "" or all(_SLURM_NAME.fullmatch(n) for n in (v.split(",") if several else [v])):
+            return None
+        return ("must be empty or " + ("comma-separated SLURM names" if several else "a SLURM name")
+                + ": letters, digits, '_', '.', '-' (no spaces, newlines or shell syntax)")
+    return test
+
+
+def shell_lines(v: str) -> str | None:
+    """slurm_setup: shell by design, but only lines of it: no control character but the newline,
+    and no line that sbatch would take as a directive of the job."""
+    bad = control_chars(v, allow="\n")
+    if bad:
+        return f"must not contain control characters other than newline ({', '.join(bad)})"
+    for line in v.replace(";", "\n").splitlines():    # as launch/slurm.py splits it into lines
+        if line.lstrip().upper().startswith(DIRECTIVES):
+            return (f"line {line.strip()!r} would be read by sbatch as a job directive; "
+                    "set resources with the slurm_* keys")
+    return None
+
+
 @dataclass
 class Config:
     # --- data -----------------------------------------------------------------------------------
-    store: str = key("data/store.zarr", "Zarr store written by `wbs-dist ingest`")
+    store: str = key("data/store.zarr", "Zarr store written by `wbs-dist ingest`",
+                     no_control_chars("a path, printed in logs and saved in run configs: one line"))
     train_size: Size = key(Size(512, 256), "network input HEIGHTxWIDTH, anterior | posterior side by side; "
                            "the store's training level (ingest --train-size) must match",
                            lambda v: None if v.height >= 32 and v.width >= 32 else "both sides must be >= 32")
@@ -110,7 +162,9 @@ class Config:
     compile: bool = key(False, "CUDA: torch.compile the model (slow start, faster steps)")
     deterministic: bool = key(False, "torch deterministic algorithms (bitwise-reproducible GPU runs)")
     # --- run: where and how fast; a resumed run may change these ---------------------------------------
-    run_dir: str = key("runs/baseline", "checkpoints, logs, predictions: RUN_DIR/fold<K>/", affects_results=False)
+    run_dir: str = key("runs/baseline", "checkpoints, logs, predictions: RUN_DIR/fold<K>/",
+                       no_control_chars("RUN_DIR/slurm is written into the job script's #SBATCH --output line"),
+                       affects_results=False)
     num_workers: int = key(2, "loader worker processes per rank (0 = in-process)", at_least(0),
                            affects_results=False)
     checkpoint_every: int = key(200, "steps between mid-epoch checkpoints (0 = epoch ends only)", at_least(0),
@@ -118,8 +172,9 @@ class Config:
     dist_timeout_s: float = key(600.0, "bound on every DDP collective: a dead rank fails the job",
                                 at_least(0, strict=True), affects_results=False)
     # --- SLURM (`wbs-dist cv --launcher slurm`): one DDP job per fold, submitted as a job array ---------
-    slurm_partition: str = key("", "partition; empty: the cluster's default", affects_results=False)
-    slurm_account: str = key("", "account; empty: your default", affects_results=False)
+    slurm_partition: str = key("", "partition, or several comma-separated; empty: the cluster's default",
+                               slurm_name(several=True), affects_results=False)
+    slurm_account: str = key("", "account; empty: your default", slurm_name(), affects_results=False)
     slurm_nodes: int = key(1, "nodes per fold", at_least(1), affects_results=False)
     slurm_gpus_per_node: int = key(0, "GPUs per node; 0 on CPU-only clusters", at_least(0), affects_results=False)
     slurm_tasks_per_node: int = key(1, "DDP ranks per node (one per GPU)", at_least(1), affects_results=False)
@@ -132,7 +187,8 @@ class Config:
                                     at_least(0), affects_results=False)
     slurm_max_retries: int = key(2, "resubmissions of a failed fold (requeues do not count)", at_least(0),
                                  affects_results=False)
-    slurm_setup: str = key("", "shell lines run first in each fold job (module load, venv)", affects_results=False)
+    slurm_setup: str = key("", "shell lines run first in each fold job (module load, venv); ';' or newline "
+                           "between lines, no #SBATCH lines", shell_lines, affects_results=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON data (the training size as 'HxW')."""
@@ -238,12 +294,20 @@ def read_mapping(path: Path, what: str = "config file") -> dict:
     return raw
 
 
+_YAML_COMMENT = re.compile(r"(?:^|\s)#")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """`key=value` from the command line. The value is read as a YAML scalar, so `lr=1e-3` and
     `flag=true` mean what they say."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value")
+    if control_chars(value) or _YAML_COMMENT.search(value):
+        # YAML would drop a comment and read past a newline: `debug\n#SBATCH --time=1` would become
+        # 'debug', `source x; #SBATCH ...` 'source x;', and the rest pass unseen. Kept as typed, the
+        # key's own check sees all of it (the shell has removed its own comments already).
+        return key.strip(), value
     try:
         parsed = yaml.safe_load(value) if value else ""
     except yaml.YAMLError:

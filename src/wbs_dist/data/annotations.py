@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
+import struct
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from wbs_dist.errors import InputError
 from wbs_dist.schema import ANNOTATION_COLUMNS as COLUMNS
@@ -91,18 +93,50 @@ def parse_annotations(data: bytes, name: str = ANNOTATIONS_CSV) -> dict[str, Stu
     return dict(studies)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk, without decoding anything; None if not a PNG."""
+    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
 def read_mask(data: bytes, name: str, shape: tuple[int, int]) -> np.ndarray:
-    """A lesion label map as uint16, checked against the view's shape. Raises ValueError(reason)."""
+    """A lesion label map as uint16, checked against the view's shape. Raises ValueError(reason).
+
+    The size is checked from the header before any pixel is decoded: a 65-byte PNG declaring
+    20000 x 20000 pixels would otherwise cost 800 MB (16-bit) or stop the run with PIL's
+    DecompressionBombError."""
+    declared = _png_size(data)
+    if declared is not None and declared != tuple(shape):
+        raise ValueError(f"{name}: mask size {declared[0]}x{declared[1]} does not match the view's "
+                         f"{shape[0]}x{shape[1]} (from the PNG header; not decoded)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.format != "PNG":
-                raise ValueError(f"{name}: not a PNG ({img.format})")
-            if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
-                raise ValueError(f"{name}: PNG mode {img.mode}, expected 16-bit greyscale label map")
-            arr = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{name}: unreadable PNG ({exc})")
+        with warnings.catch_warnings():
+            # Over PIL's pixel limit: a warning up to twice the limit, an error beyond; both refuse.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:    # lazy: reads the header only
+                if img.format != "PNG":
+                    raise ValueError(f"{name}: not a PNG ({img.format})")
+                if img.mode not in ("I;16", "I;16B", "I;16L", "I", "L"):
+                    raise ValueError(f"{name}: PNG mode {img.mode}, expected 16-bit greyscale label map")
+                if (img.height, img.width) != tuple(shape):
+                    raise ValueError(f"{name}: mask size {img.height}x{img.width} does not match the view's "
+                                     f"{shape[0]}x{shape[1]} (from the PNG header; not decoded)")
+                img.load()
+                arr = np.asarray(img)
+    except ValueError as exc:
+        if str(exc).startswith(f"{name}: "):
+            raise                                         # ours, already phrased
+        raise ValueError(f"{name}: unreadable PNG ({str(exc)[:200]})")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"{name}: refused before decoding ({exc})")
+    except Exception as exc:  # UnidentifiedImageError, truncated or corrupt streams (OSError, SyntaxError,
+        # zlib.error), MemoryError: this mask's problem, never the run's
+        raise ValueError(f"{name}: unreadable PNG ({type(exc).__name__}: {str(exc)[:200]})")
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a single-channel image, got shape {arr.shape}")
     if arr.min() < 0 or arr.max() > 65535:

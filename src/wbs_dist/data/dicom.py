@@ -50,6 +50,8 @@ class Header:
     patient_id: str
     sop_uid: str
     directory: bool = False  # a DICOMDIR index: skipped quietly
+    frames: int = 1          # declared NumberOfFrames: the views this object brings to its study
+    nbytes: int = 0          # declared pixel data: rows x columns x frames x samples x bytes
 
 
 @dataclass
@@ -78,7 +80,42 @@ def _read(data, stop_before_pixels: bool) -> pydicom.Dataset:
         raise Rejected(f"unreadable DICOM header ({type(exc).__name__}: {exc})")
 
 
-def read_header(data) -> Header:
+def declared_size(ds: pydicom.Dataset) -> tuple[int, int, str]:
+    """(frames, bytes, 'rows x cols x frames ...' text) as the header declares them, before any pixel
+    is read: the budget a decoder would allocate."""
+    try:
+        rows = int(ds.get("Rows", 0) or 0)
+        cols = int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError) as exc:
+        raise Rejected(f"unreadable image size in the header ({exc})")
+    if min(rows, cols, frames, samples, bits) < 0:
+        raise Rejected(f"negative image size in the header ({rows} x {cols}, {frames} frame(s))")
+    nbytes = rows * cols * frames * samples * max(1, (bits + 7) // 8)
+    text = (f"{rows} x {cols} x {frames} frame(s) x {samples} sample(s) x {max(1, (bits + 7) // 8)} byte(s)")
+    return frames, nbytes, text
+
+
+def check_size(ds: pydicom.Dataset, max_bytes: int | None) -> tuple[int, int]:
+    """(frames, bytes) declared; Rejected when the pixel data would exceed `max_bytes`. Checked from
+    the header: a 9.5 KB zip holding an RLE object that declares one 16384 x 16384 frame decoded at
+    2.7 GB peak memory (issue 13)."""
+    frames, nbytes, text = declared_size(ds)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise Rejected(f"declared image of {text} = {_mib(nbytes)}, over the {_mib(max_bytes)} object "
+                       "ceiling (--max-object-mb); not decoded")
+    return frames, nbytes
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.4g} MiB"
+
+
+def read_header(data, max_bytes: int | None = None) -> Header:
+    """The grouping fields; Rejected when the object is not one we use or declares more pixel data
+    than `max_bytes`."""
     ds = _read(data, stop_before_pixels=True)
     sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", {}), "MediaStorageSOPClassUID", ""))
     if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
@@ -90,7 +127,9 @@ def read_header(data) -> Header:
     if not sop:
         raise Rejected("no SOP Instance UID")
     _check_modality(ds)
-    return Header(study_uid=study, patient_id=str(ds.get("PatientID", "") or ""), sop_uid=sop)
+    frames, nbytes = check_size(ds, max_bytes)
+    return Header(study_uid=study, patient_id=str(ds.get("PatientID", "") or ""), sop_uid=sop,
+                  frames=frames, nbytes=nbytes)
 
 
 def _check_modality(ds: pydicom.Dataset) -> None:
@@ -154,9 +193,10 @@ def identify_views(ds: pydicom.Dataset, n_frames: int) -> list[str]:
     return names
 
 
-def decode(data: bytes) -> DecodedObject:
+def decode(data: bytes, max_bytes: int | None = None) -> DecodedObject:
     ds = _read(data, stop_before_pixels=False)
     _check_modality(ds)
+    check_size(ds, max_bytes)           # before the pixels, whether or not a header pass ran
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise Rejected("no pixel data")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:

@@ -50,6 +50,11 @@ def assign_folds(patient: np.ndarray, label: np.ndarray, tumor_type: np.ndarray,
 
 
 def write_folds(store: Store, k: int, seed: int, force: bool = False) -> dict:
+    with store.lock(f"wbs-dist folds --k {k} --seed {seed}"):
+        return _write_folds(store, k, seed, force)
+
+
+def _write_folds(store: Store, k: int, seed: int, force: bool) -> dict:
     if has_folds(store) and not force:
         have = store.root["folds"].attrs
         raise UsageError(f"store {store.path} already has {have['k']} folds (seed {have['seed']}); results depend "
@@ -121,5 +126,7 @@ def ensure_folds(store: Store, k: int, seed: int) -> None:
     """Make the split when the store has none (one process: drivers, before any fold starts; folds
     running at once must not race for it), then check it against the config."""
     if not has_folds(store):
-        write_folds(store, k, seed)
+        with store.lock(f"wbs-dist (making the split: --k {k} --seed {seed})"):
+            if not has_folds(store):            # another driver may have made it meanwhile
+                _write_folds(store, k, seed, force=False)
     check_folds(store, k, seed)

@@ -13,11 +13,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wbs_dist.atomic import write_csv
+from wbs_dist.atomic import PRIVATE, write_csv
 from wbs_dist.data.deid import keyed_hash, load_or_create_secret
-from wbs_dist.data.store import Store
-from wbs_dist.data.studies import (StudyJob, StudyPool, StudySource, assemble, group_studies, in_archive_order,
-                                   patient_id_of, worker_state)
+from wbs_dist.data.store import Store, store_lock
+from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Budgets, StudyJob, StudySource,
+                                   group_studies, in_archive_order, patient_id_of)
+from wbs_dist.data.workers import StudyPool, assemble, worker_state
 from wbs_dist.errors import UsageError
 
 ERRORS_COLUMNS = ("path", "reason")
@@ -46,12 +47,18 @@ def _study_task(job: StudyJob) -> tuple[bool, int, list[tuple[str, str]]]:
 
 def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_file: Path | None = None,
            workers: int = 2, train_size: tuple[int, int] = (512, 256),
-           errors_path: Path | None = None) -> IngestResult:
-    """Ingest `archive` into `store` (created, or completed when it exists) and write the errors CSV."""
+           errors_path: Path | None = None, max_object_mb: float = DEFAULT_MAX_OBJECT_MB,
+           max_views: int = DEFAULT_MAX_VIEWS) -> IngestResult:
+    """Ingest `archive` into `store` (created, or completed when it exists) and write the errors CSV.
+    Objects declaring more than `max_object_mb` of pixel data and studies of more than `max_views`
+    views are listed, not decoded (studies.Budgets)."""
+    budgets = Budgets(max_object_mb, max_views)
     secret = load_or_create_secret(secret_file)
     if Path(store).resolve() == Path(archive).resolve():
         raise UsageError("the store cannot be the archive itself")
-    with StudySource.open(archive, annotations) as source:
+    # One ingest at a time per store: two runs clearing each other's staging and rebuilding the lesion
+    # table at once left torn studies behind (5 of 9 staggered pairs, issue 13).
+    with store_lock(store, f"wbs-dist ingest {archive}"), StudySource.open(archive, annotations, budgets) as source:
         st = Store.create_or_open(store, train_size)
         st.clear_staging()                     # leftovers of an interrupted run are never trusted
         errors = list(source.errors)
@@ -87,5 +94,6 @@ def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_f
         st.clear_staging()
         errors_path = Path(errors_path) if errors_path else st.path.with_name(st.path.name + ".errors.csv")
         errors_path.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(errors_path, ERRORS_COLUMNS, errors)
+        # Names archive members, which may carry patient names: private, and safe to open in a spreadsheet.
+        write_csv(errors_path, ERRORS_COLUMNS, errors, mode=PRIVATE, formula_safe=True)
     return IngestResult(st.path, counts, written, already, errors, errors_path)

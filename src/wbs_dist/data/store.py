@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from wbs_dist.atomic import fsync_dir, publish_dir, sync_tree
 from wbs_dist.errors import UsageError
+from wbs_dist.lock import Lock
 from wbs_dist.preprocess import count_scale, training_level
 from wbs_dist.schema import BURDEN_GROUPS, BURDEN_TEXT, LABEL_CODES, TUMOR_TYPES, VIEWS, burden_group, view_order
 
@@ -87,6 +89,17 @@ def int_to_key(value: int) -> str:
     return f"{int(value):016x}"
 
 
+# The arrays of a study written before studies listed their own (attrs["arrays"]).
+STUDY_ARRAYS = ("native", "train_image", "train_labels")
+
+
+def store_lock(path: Path, what: str, mode: str = "exclusive") -> Lock:
+    """One writer at a time: ingest and folds take STORE.lock exclusive (sharded ingest will take it
+    shared for its disjoint studies). Beside the store, so that it can be taken before the store exists."""
+    path = Path(path)
+    return Lock(path.with_name(path.name + ".lock"), what, mode, subject=f"store {path}")
+
+
 class Store:
     def __init__(self, path: Path, root: zarr.Group):
         self.path = Path(path)
@@ -134,19 +147,35 @@ class Store:
         return int(h), int(w)
 
     def staging(self) -> Path:
-        p = self.path / ".staging"
-        p.mkdir(exist_ok=True)
+        """This process's own staging folder: concurrent writers (ingest shards) never share one."""
+        p = self.path / ".staging" / f"{socket.gethostname()}-{os.getpid()}"
+        p.mkdir(parents=True, exist_ok=True)
         return p
 
     def clear_staging(self) -> None:
+        """Remove every run's leftovers; only under the store's exclusive lock (no other writer)."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
 
     def study_keys(self) -> list[str]:
         d = self.path / "studies"
-        return sorted(p.name for p in d.iterdir() if (p / "zarr.json").exists()) if d.exists() else []
+        return sorted(p.name for p in d.iterdir() if self._complete(p)) if d.exists() else []
 
     def has_study(self, key: str) -> bool:
-        return (self.path / "studies" / key / "zarr.json").exists()
+        return self._complete(self.path / "studies" / key)
+
+    @staticmethod
+    def _complete(folder: Path) -> bool:
+        """A study counts only when its attributes and every array it lists are there; a torn one (a
+        crash of a filesystem without ordered renames, a concurrent writer of an older version) is
+        written again by the next ingest."""
+        try:
+            attrs = json.loads((folder / "zarr.json").read_text()).get("attributes") or {}
+        except (OSError, ValueError):
+            return False
+        if "views" not in attrs or "lesions" not in attrs:
+            return False
+        arrays = attrs.get("arrays") or STUDY_ARRAYS
+        return all((folder / name / "zarr.json").exists() and (folder / name / "c").is_dir() for name in arrays)
 
     def study(self, key: str) -> zarr.Group:
         return zarr.open_group(str(self.path / "studies" / key), mode="r", zarr_format=3)
@@ -159,7 +188,7 @@ class Store:
     def write_study(self, data: "StudyData") -> bool:
         """Write a study atomically. False when it was already there (a concurrent or earlier run)."""
         final = self.path / "studies" / data.key
-        if final.exists():
+        if self._complete(final):
             return False
         image, labels = training_level(data.views, data.labels, *self.train_size)
         areas = {int(v): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
@@ -175,12 +204,17 @@ class Store:
             shape = data.views[names[0]].shape
             arrays["labels"] = np.stack([data.labels.get(v, np.zeros(shape, np.uint16)) for v in names])
         attrs["views"] = names
+        attrs["arrays"] = sorted(arrays)
 
         tmp = self.staging() / f"{data.key}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         # One trip into zarr's event loop for the whole study: per-call sync overhead, not I/O, is
         # what a study costs when each array is created through the synchronous API.
         zarr_sync(_write_group(str(tmp), attrs, arrays))
+        if final.exists() and not self._complete(final):
+            torn = self.staging() / f"{data.key}.torn"
+            os.rename(final, torn)
+            shutil.rmtree(torn, ignore_errors=True)
         if not publish_dir(tmp, final):        # another worker won the race with the same study
             shutil.rmtree(tmp, ignore_errors=True)
             return False
@@ -207,6 +241,10 @@ class Store:
         shutil.rmtree(old, ignore_errors=True)
 
     # -- lesion table ----------------------------------------------------------------------------------
+    def lock(self, what: str, mode: str = "exclusive") -> Lock:
+        """The store's writer lock (beside it: STORE.lock), see `store_lock`."""
+        return store_lock(self.path, what, mode)
+
     def rebuild_lesion_table(self) -> dict:
         cols: dict[str, list] = {name: [] for name in LESION_COLUMNS}
         n_studies = n_annotated = 0

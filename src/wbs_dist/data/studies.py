@@ -3,35 +3,71 @@
 Two passes over the archive. The header pass reads every member's DICOM header only (cheap) and
 groups the objects into studies, setting aside unreadable members and second copies of an object.
 The study pass decodes one study per task, identifies its views and checks its annotations against
-them (`assemble_study`). Both passes run in a pool of worker processes (`StudyPool`); each stage
+them (`assemble_study`). Both passes run in a pool of worker processes (data/workers.py); each stage
 adds its own work to the study task (ingest writes the study into the store, score finds candidates
 and builds the network's images).
 
 Annotations (DESIGN 3.2) are found beside the DICOM files (one annotations.csv anywhere in the
 archive, its masks/ beside it) or in a folder given apart. Messages are the stage's to frame: a
 study that cannot be used is "skipped", with each reason listed.
+
+Budgets (`Budgets`, the --max-object-mb and --max-views options of ingest and score) are checked
+before work: archive members by their declared sizes (archive.py), DICOM objects and studies by
+their headers' declared pixel data and frame counts, masks by their PNG headers. Whatever a member
+or a study raises while it is read or decoded (MemoryError, a bad zip CRC, zlib or PIL errors, ...)
+becomes that input's listed error; the rest of the archive is read.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import sys
 from collections import defaultdict
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from tqdm import tqdm
 
 from wbs_dist.data import annotations as ann
-from wbs_dist.data.archive import Archive
+from wbs_dist.data.archive import DEFAULT_MAX_OBJECT_MB, MEMBER_SLACK, MiB, Archive
 from wbs_dist.data.dicom import Header, Rejected, decode, read_header
-from wbs_dist.errors import UsageError
+from wbs_dist.errors import InputError, UsageError
 from wbs_dist.schema import ANNOTATIONS_CSV, MASKS_DIR, UNKNOWN_VIEW, VIEWS
 
 log = logging.getLogger("wbs_dist.studies")
+
+DEFAULT_MAX_VIEWS = 8   # a whole-body study has 2 (anterior, posterior); spot views and repeats add a few
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Ceilings checked before anything is decoded. The default object ceiling is generous: a
+    whole-body NM object (1024 x 256, 2 frames, int16) is 1 MiB."""
+
+    max_object_mb: float = DEFAULT_MAX_OBJECT_MB   # declared pixel data of one object, and of one study
+    max_views: int = DEFAULT_MAX_VIEWS             # declared frames (views) of one study
+
+    def __post_init__(self):
+        if not 0 < self.max_object_mb < float("inf"):
+            raise UsageError(f"--max-object-mb must be > 0 (got {self.max_object_mb})")
+        if self.max_views < 1:
+            raise UsageError(f"--max-views must be >= 1 (got {self.max_views})")
+
+    @property
+    def object_bytes(self) -> int:
+        return int(self.max_object_mb * MiB)
+
+    @property
+    def member_bytes(self) -> int:
+        """The largest archive member read: the object ceiling plus room for headers."""
+        return self.object_bytes + MEMBER_SLACK
+
+
+def exception_text(exc: BaseException) -> str:
+    """'Type: message', one line. An OSError gives its strerror alone: its file name would be a path
+    in the private temporary folder, which means nothing to the user (the member is named already)."""
+    msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    msg = msg.splitlines()[0][:300] if msg else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 @dataclass
@@ -45,6 +81,8 @@ class StudyJob:
     annotations: ann.StudyAnnotations | None
     masks: dict[str, str]                       # view -> mask member name in the annotation source
     csv_name: str = ANNOTATIONS_CSV
+    views: int = 0                              # frames its objects' headers declare
+    nbytes: int = 0                             # pixel data its objects' headers declare
 
 
 @dataclass
@@ -67,20 +105,26 @@ class StudySource:
     rows: dict[str, ann.StudyAnnotations]       # study uid -> its annotation rows
     members: list[str]                          # members to read as DICOM (annotation files left out)
     errors: list[tuple[str, str]] = field(default_factory=list)   # (path, reason): refused members
+    budgets: Budgets = field(default_factory=Budgets)
 
     @classmethod
-    def open(cls, archive: Path, annotations: Path | None = None) -> "StudySource":
-        arc = Archive.open(archive)
+    def open(cls, archive: Path, annotations: Path | None = None,
+             budgets: Budgets | None = None) -> "StudySource":
+        budgets = budgets or Budgets()
+        arc = Archive.open(archive, budgets.member_bytes)
+        src = None
         try:
-            src, csv_name, exclude = _find_annotations(arc, annotations)
+            src, csv_name, exclude = _find_annotations(arc, annotations, budgets.member_bytes)
             errors = [(r.path, r.reason) for r in arc.refused]
             if src is not None and src is not arc:
                 errors += [(f"{annotations}/{r.path}", r.reason) for r in src.refused]
-            rows = ann.parse_annotations(src.read(csv_name), csv_name) if src is not None else {}
+            rows = ann.parse_annotations(_read_csv(src, csv_name), csv_name) if src is not None else {}
         except BaseException:
+            if src is not None and src is not arc:
+                src.close()
             arc.close()
             raise
-        return cls(arc, src, csv_name, rows, [m for m in arc.members if m not in exclude], errors)
+        return cls(arc, src, csv_name, rows, [m for m in arc.members if m not in exclude], errors, budgets)
 
     def close(self) -> None:
         if self.annotations is not None and self.annotations is not self.archive:
@@ -104,7 +148,8 @@ class StudySource:
 
     def job(self, key: str, patient: str, uid: str, objects: list[tuple[str, Header]]) -> StudyJob:
         return StudyJob(key, patient, sorted(n for n, _ in objects), self.rows.get(uid), self.masks(uid),
-                        self.csv_name or ANNOTATIONS_CSV)
+                        self.csv_name or ANNOTATIONS_CSV, views=sum(h.frames for _, h in objects),
+                        nbytes=sum(h.nbytes for _, h in objects))
 
     def unmatched_rows(self, studies: dict) -> list[tuple[str, str]]:
         """Annotation rows whose study is not in the archive, by line number."""
@@ -117,19 +162,35 @@ class StudySource:
         return out
 
 
-def _find_annotations(arc: Archive, annotations: Path | None) -> tuple[Archive | None, str | None, set[str]]:
+def _read_csv(src: Archive, csv_name: str) -> bytes:
+    """annotations.csv's bytes. Unreadable (a bad zip CRC, a refused member) stops the run (exit 2):
+    ingesting its studies as unannotated would hide the problem, and a rerun would keep them so."""
+    if not src.has(csv_name):
+        reason = next((r.reason for r in src.refused if r.path == csv_name), "not readable")
+        raise InputError(f"{csv_name}: {reason}")
+    try:
+        return src.read(csv_name)
+    except Exception as exc:
+        raise InputError(f"{csv_name}: cannot read ({exception_text(exc)})") from None
+
+
+def _find_annotations(arc: Archive, annotations: Path | None,
+                      member_limit: int | None = None) -> tuple[Archive | None, str | None, set[str]]:
     """(source archive, csv member name, members to exclude from DICOM reading)."""
     if annotations is not None:
-        src = Archive.open(annotations)
+        src = Archive.open(annotations, member_limit)
         if src.kind != "dir":
             src.close()
             raise UsageError(f"--annotations must be a folder holding {ANNOTATIONS_CSV} and {MASKS_DIR}/: "
                              f"{annotations}")
-        if not src.has(ANNOTATIONS_CSV):
+        if not src.has(ANNOTATIONS_CSV) and not any(r.path == ANNOTATIONS_CSV for r in src.refused):
             src.close()
             raise UsageError(f"{annotations}: no {ANNOTATIONS_CSV}")
         return src, ANNOTATIONS_CSV, set()
     found = [m for m in arc.members if PurePosixPath(m).name == ANNOTATIONS_CSV]
+    found += [r.path for r in arc.refused if PurePosixPath(r.path).name == ANNOTATIONS_CSV
+              and not r.reason.startswith("refused: absolute") and "escapes" not in r.reason
+              and "link" not in r.reason]          # too large, encrypted, ...: named, not ignored
     if not found:
         return None, None, set()
     if len(found) > 1:
@@ -141,17 +202,18 @@ def _find_annotations(arc: Archive, annotations: Path | None) -> tuple[Archive |
 
 
 # -- the header pass ----------------------------------------------------------------------------------
-def header_of(arc: Archive, name: str) -> Header | str:
+def header_of(arc: Archive, name: str, budgets: Budgets | None = None) -> Header | str:
     """A member's DICOM header, or the reason it is not one we can use."""
+    budgets = budgets or Budgets()
     try:
         if arc.size(name) == 0:
             return "empty file"
         with arc.open_member(name) as fh:
-            return read_header(fh)
+            return read_header(fh, budgets.object_bytes)
     except Rejected as exc:
         return str(exc)
-    except OSError as exc:
-        return f"cannot read ({exc})"
+    except Exception as exc:  # OSError, a bad zip member (BadZipFile, zlib.error), MemoryError, ...
+        return f"cannot read ({exception_text(exc)})"
 
 
 def group_studies(headers, errors: list[tuple[str, str]]) -> dict[str, list[tuple[str, Header]]]:
@@ -185,23 +247,34 @@ def patient_id_of(objects: list[tuple[str, Header]]) -> str:
 
 # -- the study pass --------------------------------------------------------------------------------------
 def assemble_study(job: StudyJob, errors: list[tuple[str, str]], arc: Archive,
-                   masks: Archive | None) -> StudyData | None:
+                   masks: Archive | None, budgets: Budgets | None = None) -> StudyData | None:
     """Decode a study's objects, identify its views and check its annotations against them.
 
     None when an object or the annotations fail (the reasons are added to `errors`); raises Rejected
-    when the study as a whole cannot be used (two views of one name, sizes differ)."""
+    when the study as a whole cannot be used (two views of one name, sizes differ, too many views)."""
+    budgets = budgets or Budgets()
+    # Budgets of the study as a whole, from its headers, before anything is decoded: each object is
+    # within the ceiling already (header pass), but many of them together need not be.
+    if job.views > budgets.max_views:
+        raise Rejected(f"study declares {job.views} views in {len(job.members)} object(s), more than the "
+                       f"{budgets.max_views} allowed (--max-views); skipped, not decoded")
+    if job.nbytes > budgets.object_bytes:
+        raise Rejected(f"study declares {job.nbytes / MiB:.1f} MiB of pixel data in {len(job.members)} "
+                       f"object(s), over the {budgets.max_object_mb:g} MiB ceiling (--max-object-mb); "
+                       "skipped, not decoded")
     views: dict[str, np.ndarray] = {}
     sources, origin = [], {}
     failed = set()
     for name in job.members:
         try:
-            obj = decode(arc.read(name))
+            obj = decode(arc.read(name), budgets.object_bytes)
         except Rejected as exc:
             errors.append((name, str(exc)))
             failed.add(name)
             continue
-        except OSError as exc:
-            errors.append((name, f"cannot read ({exc})"))
+        except Exception as exc:  # OSError, BadZipFile (bad CRC), zlib.error, MemoryError: this object's error
+            log.debug("reading %s failed", name, exc_info=True)
+            errors.append((name, f"cannot read ({exception_text(exc)})"))
             failed.add(name)
             continue
         sources.append(obj.meta)
@@ -218,6 +291,9 @@ def assemble_study(job: StudyJob, errors: list[tuple[str, str]], arc: Archive,
         errors.extend((m, "skipped: another object of the same study failed") for m in job.members
                       if m not in failed)
         return None
+    if len(views) > budgets.max_views:   # the headers said fewer frames than the pixel data holds
+        raise Rejected(f"study has {len(views)} views, more than the {budgets.max_views} allowed "
+                       "(--max-views); skipped")
     shapes = {(arr.shape, arr.dtype.str) for arr in views.values()}
     if len(shapes) > 1:
         raise Rejected("views of one study differ in size or pixel type "
@@ -267,8 +343,11 @@ def _check_annotations(job: StudyJob, views: dict[str, np.ndarray], masks: Archi
         member = job.masks[view]
         try:
             mask = ann.read_mask(masks.read(member), member, views[view].shape)
-        except (ValueError, OSError) as exc:
+        except ValueError as exc:
             problems.append((member, str(exc)))
+            continue
+        except Exception as exc:  # reading the member: OSError, a bad zip CRC, zlib.error, MemoryError
+            problems.append((member, f"{member}: cannot read ({exception_text(exc)})"))
             continue
         ids, areas = np.unique(mask, return_counts=True)
         present = {int(i): int(c) for i, c in zip(ids, areas) if i}
@@ -281,90 +360,3 @@ def _check_annotations(job: StudyJob, views: dict[str, np.ndarray], masks: Archi
         for lid in sorted(rows):
             lesions.append({"lesion_id": lid, "view": view, "label": rows[lid].label, "area": present.get(lid, 0)})
     return problems
-
-
-# -- worker processes -------------------------------------------------------------------------------------
-# Module-level so that spawned processes can import it: the archive, the annotation source and what the
-# stage adds (its `extra`), set once per worker by the pool's initializer.
-_STATE: dict = {}
-
-
-def worker_state() -> dict:
-    """This process's archive ('archive'), annotation source ('masks') and the stage's extras."""
-    return _STATE
-
-
-def _init_worker(archive: Archive, masks: Archive | None, extra: dict) -> None:
-    _STATE.clear()
-    _STATE.update(extra, archive=archive, masks=masks)
-
-
-def _header_task(name: str) -> tuple[str, Header | str]:
-    return name, header_of(_STATE["archive"], name)
-
-
-def assemble(job: StudyJob) -> tuple[StudyData | None, list[tuple[str, str]]]:
-    """The study task's common part, in a worker: the study (or None) and the reasons it failed."""
-    errors: list[tuple[str, str]] = []
-    try:
-        data = assemble_study(job, errors, _STATE["archive"], _STATE["masks"])
-    except Rejected as exc:
-        errors.append((job.members[0], str(exc)))
-        data = None
-    return data, errors
-
-
-class _Inline:
-    """The executor interface, run in the calling process (workers = 0)."""
-
-    def submit(self, fn, *args) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as exc:  # surfaces in the caller as the pool would surface it
-            fut.set_exception(exc)
-        return fut
-
-    def map(self, fn, items, chunksize=1):
-        return map(fn, items)
-
-    def shutdown(self, cancel_futures=False):
-        pass
-
-
-class StudyPool:
-    """`workers` decoding processes (0: this process) that know the source and the stage's extras."""
-
-    def __init__(self, source: StudySource, workers: int, extra: dict | None = None):
-        initargs = (source.archive, source.annotations, dict(extra or {}))
-        if workers <= 0:
-            _init_worker(*initargs)
-            self.executor = _Inline()
-        else:
-            # spawn, not fork: the parent holds zarr's I/O thread and torch's threads, which do not
-            # survive a fork.
-            self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_init_worker, initargs=initargs)
-
-    def headers(self, members: list[str], progress: bool = True):
-        """(member, header or reason) for every member, lazily, with a progress bar on stderr."""
-        it = self.executor.map(_header_task, members, chunksize=max(1, min(32, len(members) // 64)))
-        return tqdm(it, total=len(members), desc="reading headers", unit="file", file=sys.stderr,
-                    dynamic_ncols=True, mininterval=0.5, disable=None if progress else True)
-
-    def map(self, fn, items: list, desc: str):
-        it = self.executor.map(fn, items, chunksize=max(1, min(32, len(items) // 64)))
-        return tqdm(it, total=len(items), desc=desc, unit="study", file=sys.stderr, dynamic_ncols=True,
-                    mininterval=0.5, disable=None)
-
-    def submit(self, fn, *args) -> Future:
-        return self.executor.submit(fn, *args)
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(cancel_futures=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()

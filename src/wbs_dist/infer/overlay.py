@@ -1,17 +1,26 @@
 """Review overlays: a study's views side by side, each lesion's contour coloured by its score.
 
 DIR/<study_uid>.png, green (0) -> yellow (0.5) -> red (1). They show the original Study Instance UID
-in the name and the patient's scan: private files, written atomically.
+in the name and the patient's scan: private files (0600) in a private folder (0700, when this run
+creates it), written atomically.
+
+The name comes from the archive, so it is used only when it is a DICOM UID (digits and dots, at
+most 64 characters, no empty component); any other value (`./../../x`, one with a `/`, ...) is
+named by a hash of it, `uid-<16 hex digits>.png`, and every path is checked to stay in DIR.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from wbs_dist.atomic import PRIVATE, replace
+from wbs_dist.atomic import PRIVATE, inside, private_dir, replace
+
+_DICOM_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")     # PS3.5 9.1, without the leading-zero rule
 
 
 def colour(score: float) -> tuple[int, int, int]:
@@ -51,9 +60,18 @@ def render(views: list[str], native: dict[str, np.ndarray], labels: dict[str, np
     return np.concatenate(panels, axis=1)
 
 
-def write_overlay(folder: Path, name: str, image: np.ndarray) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
+def overlay_name(study_uid: str) -> str:
+    """The overlay's file name (without .png): the UID itself when it is a valid DICOM UID, else
+    `uid-` and the first 16 hex digits of its SHA-256 (the same name on every run)."""
+    if len(study_uid) <= 64 and _DICOM_UID.fullmatch(study_uid):
+        return study_uid
+    return "uid-" + hashlib.sha256(study_uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def write_overlay(folder: Path, study_uid: str, image: np.ndarray) -> Path:
+    folder = Path(folder)
+    private_dir(folder)
+    path = inside(folder, overlay_name(study_uid) + ".png")
     with replace(path, mode=PRIVATE) as fh:
         Image.fromarray(image).save(fh, format="PNG")
     return path

@@ -5,7 +5,9 @@ file through wbs_dist.atomic, so a part is complete or absent whatever moment a 
 is done exactly when it is in a part. A rerun skips done studies, and the merge takes each study
 from the first part holding it, so no lesion is ever written twice. A manifest pins what the parts
 were made with (archive, models' weights, input size, candidate parameters); another setup is
-refused rather than mixed in. The parts carry Patient IDs and Study UIDs: they are private files.
+refused rather than mixed in. The parts carry Patient IDs and Study UIDs: they are private files in
+a private folder (0600 / 0700 whatever the umask), and the merged CSVs are written formula-safe (a
+Patient ID such as `=HYPERLINK(...)` lands as text, not as a live formula, in a spreadsheet).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import os
 import time
 from pathlib import Path
 
-from wbs_dist.atomic import PRIVATE, create_once, write_csv, write_text
+from wbs_dist.atomic import PRIVATE, create_once, inside, private_dir, write_csv, write_text
 from wbs_dist.errors import UsageError
+from wbs_dist.lock import Lock
 from wbs_dist.schema import PREDICTION_COLUMNS
 
 log = logging.getLogger("wbs_dist.score")
@@ -64,10 +67,11 @@ class Parts:
         self.seq = 0
 
     def open(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         manifest = self.dir / "manifest.json"
-        # First writer wins, atomically (shards start together).
-        if not create_once(manifest, json.dumps(self.fingerprint, indent=1, sort_keys=True).encode()):
+        # First writer wins, atomically (shards start together). Private like the parts: it names the archive.
+        text = json.dumps(self.fingerprint, indent=1, sort_keys=True).encode()
+        if not create_once(manifest, text, mode=PRIVATE):
             have = json.loads(manifest.read_text())
             if have != self.fingerprint:
                 keys = sorted(k for k in set(have) | set(self.fingerprint) if have.get(k) != self.fingerprint.get(k))
@@ -75,6 +79,11 @@ class Parts:
                                  f"{', '.join(keys)}); choose another --out or remove {self.dir}")
         for stale in self.dir.glob(f".part-{self.tag}-*.tmp"):
             stale.unlink(missing_ok=True)   # a killed run's unfinished part: never trusted
+
+    def writer(self, what: str) -> Lock:
+        """One writer per output and shard tag: two runs writing the same parts would score every
+        study twice and race to merge."""
+        return Lock(self.dir / f".{self.tag}.lock", what, subject=f"scoring output {self.dir} ({self.tag})")
 
     def records(self) -> dict[str, dict]:
         """study uid -> its record, from every complete part; the first part (by name) wins."""
@@ -95,7 +104,7 @@ class Parts:
             return
         self.seq += 1
         name = f"part-{self.tag}-{time.time_ns():020d}-{os.getpid()}-{self.seq:06d}.json"
-        write_text(self.dir / name, json.dumps({"studies": records}), mode=PRIVATE)
+        write_text(inside(self.dir, name), json.dumps({"studies": records}), mode=PRIVATE)
 
 
 def merge(records: list[dict], out: Path) -> tuple[int, int]:
@@ -110,6 +119,8 @@ def merge(records: list[dict], out: Path) -> tuple[int, int]:
         top = max(lesions, key=lambda les: (les[3], -les[0]), default=None)
         summary.append([rec["study_uid"], rec["patient_id"], rec["source"], "|".join(rec["views"]), len(lesions),
                         "" if top is None else f"{top[3]:.6f}", "" if top is None else top[0]])
-    write_csv(out, PREDICTION_COLUMNS, rows, mode=PRIVATE)
-    write_csv(summary_path(out), SUMMARY_COLUMNS, summary, mode=PRIVATE)
+    # formula_safe: the site opens these in a spreadsheet; the scores, written here as positive
+    # numbers, are unchanged, so `wbs-dist report` reads the file as before.
+    write_csv(out, PREDICTION_COLUMNS, rows, mode=PRIVATE, formula_safe=True)
+    write_csv(summary_path(out), SUMMARY_COLUMNS, summary, mode=PRIVATE, formula_safe=True)
     return len(records), len(rows)

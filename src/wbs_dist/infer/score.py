@@ -21,7 +21,8 @@ Outputs (an unsharded run):
                         score and its lesion
     PRED.errors.csv     every input not scored, with the reason (exit status 3 when not empty)
     --overlays DIR      DIR/<study_uid>.png: the views side by side, lesion contours coloured by
-                        score (green 0 -> yellow -> red 1), for review
+                        score (green 0 -> yellow -> red 1), for review; a UID that is not a valid
+                        DICOM UID is named by its hash, uid-<16 hex>.png (overlay.py)
 
 These outputs go back to the site that owns the archive, which must be able to act on them: they
 carry the original Study Instance UID and Patient ID and are therefore identifying, unlike the
@@ -40,6 +41,7 @@ task, say) and checks the result against the whole archive. slurm/score.sh does 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -53,8 +55,9 @@ import numpy as np
 from tqdm import tqdm
 
 from wbs_dist.atomic import PRIVATE, write_csv
-from wbs_dist.data.studies import (StudyJob, StudyPool, StudySource, assemble, group_studies, in_archive_order,
-                                   patient_id_of, worker_state)
+from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Budgets, StudyJob, StudySource,
+                                   group_studies, in_archive_order, patient_id_of)
+from wbs_dist.data.workers import StudyPool, assemble, worker_state
 from wbs_dist.errors import UsageError
 from wbs_dist.infer import candidates
 from wbs_dist.infer.ensemble import finished_folds
@@ -195,7 +198,8 @@ class _Batcher:
 
 def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                   shard: tuple[int, int] | str | None = None, overlays: Path | None = None, workers: int = 2,
-                  batch: int = 32, annotations: Path | None = None, part_size: int = 64) -> ScoreResult:
+                  batch: int = 32, annotations: Path | None = None, part_size: int = 64,
+                  max_object_mb: float = DEFAULT_MAX_OBJECT_MB, max_views: int = DEFAULT_MAX_VIEWS) -> ScoreResult:
     """Score `archive` with the run's fold models into OUT (or, with a shard, into OUT's parts)."""
     from wbs_dist.infer.ensemble import Ensemble     # torch: the main process only
 
@@ -208,36 +212,42 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
     _, config = finished_folds(run, fold)
     mine = (lambda key: True) if shard is None else (lambda key: shard_of(key, shard[1]) == shard[0])
     t0 = time.perf_counter()
-    with StudySource.open(archive, annotations) as source:
-        errors = list(source.errors)
-        extra = {"size": tuple(config.train_size), "overlays": overlays is not None}
-        with StudyPool(source, workers, extra) as pool:
-            # The workers start and read headers while this process loads the models.
-            headers = pool.headers(source.members)
-            ensemble = Ensemble(run, fold)
-            fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
-                           "annotations": str(Path(annotations).resolve()) if annotations else None,
-                           "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS}
-            out.parent.mkdir(parents=True, exist_ok=True)
-            parts = Parts(out, fingerprint, "all" if shard is None else f"{shard[0]}of{shard[1]}")
-            parts.open()
-            studies = group_studies(headers, errors)
-            errors += source.unmatched_rows(studies)
-            errors = [e for e in errors if mine(e[0])]
-            done = parts.records()
-            jobs = [source.job(uid, patient_id_of(objs), uid, objs) for uid, objs in in_archive_order(studies)
-                    if mine(uid) and uid not in done]
-            with _cpu_threads(ensemble.device.type, workers):
-                scored, lesions = _score_jobs(pool, jobs, ensemble, batch, parts, part_size, overlays, errors,
-                                              workers)
-    seconds = time.perf_counter() - t0
-    already = len([s for s in studies if mine(s) and s in done])
-    err_path = errors_path(out, shard)
-    write_csv(err_path, ERRORS_COLUMNS, errors, mode=PRIVATE)
-    merged = None
-    if shard is None:
-        records = parts.records()
-        merged = merge([records[u] for u in studies if u in records], out)
+    budgets = Budgets(max_object_mb, max_views)      # a bad value: exit 2 before the archive is read
+    # One writer per output and shard: the lock is taken once the parts folder exists and held until
+    # the merge is written.
+    with contextlib.ExitStack() as held:
+        with StudySource.open(archive, annotations, budgets) as source:
+            errors = list(source.errors)
+            extra = {"size": tuple(config.train_size), "overlays": overlays is not None}
+            with StudyPool(source, workers, extra) as pool:
+                # The workers start and read headers while this process loads the models.
+                headers = pool.headers(source.members)
+                ensemble = Ensemble(run, fold)
+                fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
+                               "annotations": str(Path(annotations).resolve()) if annotations else None,
+                               "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                parts = Parts(out, fingerprint, "all" if shard is None else f"{shard[0]}of{shard[1]}")
+                parts.open()
+                held.enter_context(parts.writer(f"wbs-dist score {archive}"))
+                studies = group_studies(headers, errors)
+                errors += source.unmatched_rows(studies)
+                errors = [e for e in errors if mine(e[0])]
+                done = parts.records()
+                jobs = [source.job(uid, patient_id_of(objs), uid, objs) for uid, objs in in_archive_order(studies)
+                        if mine(uid) and uid not in done]
+                with _cpu_threads(ensemble.device.type, workers):
+                    scored, lesions = _score_jobs(pool, jobs, ensemble, batch, parts, part_size, overlays, errors,
+                                                  workers)
+        seconds = time.perf_counter() - t0
+        already = len([s for s in studies if mine(s) and s in done])
+        err_path = errors_path(out, shard)
+        # Member names and reasons come from the archive: formula-safe for the spreadsheet that opens it.
+        write_csv(err_path, ERRORS_COLUMNS, errors, mode=PRIVATE, formula_safe=True)
+        merged = None
+        if shard is None:
+            records = parts.records()
+            merged = merge([records[u] for u in studies if u in records], out)
     return ScoreResult(out, shard, scored, already, lesions, seconds, errors, err_path, merged)
 
 

@@ -15,6 +15,7 @@ polling sacct, and then:
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import submitit
 
-from wbs_dist.config import Config, config_from_dict
+from wbs_dist.config import Config, check, config_from_dict
 from wbs_dist.errors import WbsError
 from wbs_dist.train.rundir import FoldDir
 from wbs_dist.train.trainer import Preempted, train_fold
@@ -57,7 +58,11 @@ class FoldJob(submitit.helpers.Checkpointable):
 
 
 def slurm_parameters(cfg: Config, job_name: str = "wbs-cv") -> dict:
-    """submitit's SlurmExecutor parameters for one fold job (pinned by a golden file in the tests)."""
+    """submitit's SlurmExecutor parameters for one fold job (pinned by a golden file in the tests).
+
+    The values go into the job script: the config's own checks run again here, so a Config built in
+    code (not read through load_config) cannot put a newline or a directive into it either."""
+    check(cfg)
     params = {
         "job_name": job_name,
         "nodes": cfg.slurm_nodes,
@@ -81,7 +86,9 @@ def slurm_parameters(cfg: Config, job_name: str = "wbs-cv") -> dict:
 
 def _executor(cfg: Config) -> submitit.SlurmExecutor:
     folder = Path(cfg.run_dir) / "slurm"
-    executor = submitit.SlurmExecutor(folder=folder / "%j", python=sys.executable)
+    # Quoted: submitit puts `python` into the job script's command line as it is (its own default is
+    # quoted too), and a virtual environment's path may hold a space.
+    executor = submitit.SlurmExecutor(folder=folder / "%j", python=shlex.quote(sys.executable))
     executor.update_parameters(**slurm_parameters(cfg))
     return executor
 

@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from wbs_dist.atomic import write_csv, write_text
-from wbs_dist.config import (Config, at_least, check, coerce, key, load_config, parse_override, read_mapping,
-                             result_keys)
+from wbs_dist.config import (Config, at_least, check, coerce, control_chars, key, load_config, no_control_chars,
+                             parse_override, read_mapping, result_keys)
 from wbs_dist.errors import ConfigError, UsageError, WbsError
 
 log = logging.getLogger("wbs_dist.tune")
@@ -49,7 +49,7 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "SLURM_PROCID")
 @dataclass
 class TuneSpec:
     base: str = key("baseline.yaml", "training config; in the YAML relative to it, on the command line to the cwd",
-                    affects_results=False)
+                    no_control_chars("a path to read"), affects_results=False)
     # --- the search --------------------------------------------------------------------------------
     lr_min: float = key(1e-4, "lr ~ log-uniform [lr_min, lr_max]", at_least(0, strict=True))
     lr_max: float = key(1e-2, "upper end of the lr range (>= lr_min)")
@@ -69,11 +69,15 @@ class TuneSpec:
     cpus: int = key(0, "CPUs of a local Ray instance (0 = all); ignored with RAY_ADDRESS", at_least(0),
                     affects_results=False)
     ray_temp_dir: str = key("/tmp/ray-wbs", "local Ray's session files; short: socket paths must fit 107 bytes",
+                            no_control_chars("Ray builds its session and socket paths from it"),
                             affects_results=False)
     # --- where --------------------------------------------------------------------------------------
-    storage_path: str = key("runs/tune", "experiments go to STORAGE_PATH/NAME/ (relative to the cwd)")
+    storage_path: str = key("runs/tune", "experiments go to STORAGE_PATH/NAME/ (relative to the cwd)",
+                            no_control_chars("the trials' run directories and logs are under it"))
+    # One folder under storage_path: no '/', and not '.' or '..', which would name storage_path or its parent.
     name: str = key("lr_batch", "the experiment's name",
-                    lambda v: None if v and "/" not in v else "must be a non-empty name without '/'")
+                    lambda v: None if v not in ("", ".", "..") and "/" not in v and not control_chars(v)
+                    else "must be a non-empty name without '/' or control characters, not '.' or '..'")
 
     def check_together(self) -> None:
         """The checks that relate two keys."""
@@ -123,6 +127,7 @@ def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
             train_overrides.append(item[len(TRAIN_PREFIX):])
         else:
             _set(spec, k, value, "command-line override")
+    check(spec, "tune key")     # before the paths are used: a NUL in one fails the OS calls with a traceback
     base = load_config(Path(spec.base), train_overrides)
     base.store = str(Path(base.store).resolve())
     spec.base = str(Path(spec.base).resolve())

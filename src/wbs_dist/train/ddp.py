@@ -4,8 +4,9 @@
 - torchrun (also `srun torchrun ...`): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - SLURM inside an `srun` step: SLURM_PROCID, SLURM_STEP_NUM_TASKS (else SLURM_NTASKS), SLURM_LOCALID;
   the rendezvous host is the first node of the step's (else the job's) node list, expanded here from
-  SLURM's compressed syntax; the port is MASTER_PORT when set, else 10000 + SLURM_JOB_ID % 20000
-  (the same on every task, below Linux's ephemeral range, distinct for jobs sharing a node);
+  SLURM's compressed syntax; the port is MASTER_PORT when set, else one that rank 0 is given by the
+  system and publishes in the run directory (`rendezvous_dir`), so two jobs sharing a node never
+  meet on one port (a port derived from the job id collided for ids 20,000 apart);
 - otherwise one process.
 NCCL on CUDA, gloo on CPU; each process uses cuda:(local rank mod visible devices), which is right
 both when every task sees all the node's GPUs and when SLURM binds one GPU per task.
@@ -18,11 +19,14 @@ process group, so one code path serves a laptop, one GPU, torchrun and srun.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import Any, Mapping
 
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from wbs_dist.atomic import write_json
 from wbs_dist.errors import ConfigError, UsageError
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ class DistEnv:
     backend: str                # "nccl" | "gloo"
     device: str                 # "cuda:<i>" | "cpu"
     source: str                 # "torchrun" | "slurm" | "single"
+    rendezvous: str | None = None   # names this job step when the port is agreed at run time (no MASTER_PORT)
 
     @property
     def is_main(self) -> bool:
@@ -69,10 +75,12 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
                             "process; launch with srun (or torchrun) for distributed training",
                             tasks_var, world)
             return _single()
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else \
-            10000 + _int(env, "SLURM_JOB_ID") % 20000
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else None
+        # A requeued job keeps its id and counts its restarts: each attempt's steps meet anew.
+        key = None if port is not None else \
+            f"{_int(env, 'SLURM_JOB_ID')}-{env.get('SLURM_RESTART_COUNT', '0')}-{env.get('SLURM_STEP_ID', '0')}"
         return _make(env, "slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), world,
-                     env.get("MASTER_ADDR") or _slurm_master(env), port)
+                     env.get("MASTER_ADDR") or _slurm_master(env), port, key)
     return _single()
 
 
@@ -81,11 +89,11 @@ def _single() -> DistEnv:
     return DistEnv(0, 0, 1, None, None, backend, device, "single")
 
 
-def _make(env, source, rank, local_rank, world, addr, port) -> DistEnv:
+def _make(env, source, rank, local_rank, world, addr, port, rendezvous=None) -> DistEnv:
     if not 0 <= rank < world:
         raise UsageError(f"{source}: rank {rank} is outside a world of size {world}")
     backend, device = _backend_device(local_rank)
-    return DistEnv(rank, local_rank, world, addr, port, backend, device, source)
+    return DistEnv(rank, local_rank, world, addr, port, backend, device, source, rendezvous)
 
 
 def _backend_device(local_rank: int) -> tuple[str, str]:
@@ -182,12 +190,15 @@ def _expand_item(item: str) -> list[str]:
 # --- process group --------------------------------------------------------------------------------
 
 
-def init_process_group(env: DistEnv, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def init_process_group(env: DistEnv, timeout_s: float = DEFAULT_TIMEOUT_S,
+                       rendezvous_dir: str | os.PathLike | None = None) -> None:
     """Join the job's process group; no-op for one process or when already joined.
 
     `timeout_s` bounds every collective (gloo and NCCL), so a rank that died or fell out of step
     makes the others fail with an error instead of hanging the job; it must exceed the longest gap
     between collectives (e.g. rank 0 writing a checkpoint while the others wait).
+    `rendezvous_dir`: a folder every rank sees (the fold's run directory), where rank 0 publishes
+    its port when the environment gives none.
     """
     if env.world_size == 1 or tdist.is_initialized():
         return
@@ -195,16 +206,45 @@ def init_process_group(env: DistEnv, timeout_s: float = DEFAULT_TIMEOUT_S) -> No
     if env.backend == "nccl":
         torch.cuda.set_device(env.device)
         kwargs["device_id"] = torch.device(env.device)
-    # tcp:// with the detected address, so SLURM runs need not export MASTER_ADDR/MASTER_PORT;
-    # under torchrun the agent's store is used either way.
-    tdist.init_process_group(
-        backend=env.backend,
-        init_method=f"tcp://{_host_for_url(env.master_addr)}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-        **kwargs,
-    )
+    timeout = timedelta(seconds=timeout_s)
+    if env.master_port is None:
+        kwargs["store"] = _published_store(env, rendezvous_dir, timeout)
+    else:
+        # tcp:// with the detected address, so SLURM runs need not export MASTER_ADDR; under torchrun
+        # the agent's store is used either way.
+        kwargs["init_method"] = f"tcp://{_host_for_url(env.master_addr)}:{env.master_port}"
+    tdist.init_process_group(backend=env.backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                             **kwargs)
+    if env.master_port is None and env.is_main:
+        # Every rank has joined (the group's creation waits for all): the address served its turn.
+        Path(rendezvous_dir, f".rendezvous-{env.rendezvous}.json").unlink(missing_ok=True)
+
+
+def _published_store(env: DistEnv, rendezvous_dir, timeout: timedelta) -> "tdist.TCPStore":
+    """Rank 0 listens on a port the system picks and writes it to RENDEZVOUS_DIR; the others wait for
+    the file and connect. No two jobs on a node can pick the same port."""
+    if rendezvous_dir is None:
+        raise UsageError("no MASTER_PORT in the environment and no run directory to agree on a port in: "
+                         "set MASTER_PORT, or start ranks through `wbs-dist train`")
+    path = Path(rendezvous_dir) / f".rendezvous-{env.rendezvous}.json"
+    if env.is_main:
+        store = tdist.TCPStore(env.master_addr, 0, env.world_size, is_master=True, timeout=timeout,
+                               wait_for_workers=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"host": env.master_addr, "port": store.port})
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            published = json.loads(path.read_text())
+            break
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise UsageError(f"rank {env.rank}: rank 0 published no rendezvous in {path} within "
+                                 f"{timeout.total_seconds():.0f} s (dist_timeout_s)") from None
+            time.sleep(0.1)
+    return tdist.TCPStore(published["host"], int(published["port"]), env.world_size, is_master=False,
+                          timeout=timeout)
 
 
 def _host_for_url(host: str | None) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wbs_dist import scratch
 from wbs_dist.data.store import Store
 from wbs_dist.errors import UsageError
 from wbs_dist.preprocess import normalise
@@ -84,9 +84,10 @@ class StudyCache:
     def build(cls, index: LesionIndex, threads: int = 4) -> "StudyCache":
         h, w = index.height, index.width
         shape = (len(index.study_keys), h, w)
-        # /dev/shm when there is one: the cache is rebuilt for every run, so it never goes stale.
+        # /dev/shm when there is one: the cache is rebuilt for every run, so it never goes stale. A
+        # killed run's cache would hold the node's RAM: the next run on the node removes it (scratch).
         base = "/dev/shm" if Path("/dev/shm").is_dir() else None
-        folder = tempfile.mkdtemp(prefix="wbs-dist-cache-", dir=base)
+        folder = str(scratch.make("cache", base))
         cache = cls(folder, shape)
         images = np.lib.format.open_memmap(cache._path("image"), mode="w+", dtype=np.float32, shape=shape)
         labels = np.lib.format.open_memmap(cache._path("labels"), mode="w+", dtype=np.uint16, shape=shape)

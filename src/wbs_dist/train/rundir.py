@@ -5,6 +5,7 @@
     last.pt (+.prev)   newest checkpoint            best.pt          weights of the best validation AUC
     predictions.csv    validation predictions of the final epoch (DESIGN 3.3)
     done.json          written last: the fold is finished (a rerun does nothing)
+    .lock              while a trainer works on the fold (wbs_dist.lock): one trainer at a time
 
 The trainer writes them through this module, the launchers (cv, SLURM, tune) and the scorer read
 them through it. Every file is written atomically (wbs_dist.atomic): a kill leaves the old file or
@@ -13,6 +14,8 @@ the new one.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -20,7 +23,38 @@ from pathlib import Path
 
 from wbs_dist.atomic import write_csv, write_json
 from wbs_dist.config import Config, config_from_dict, dump_config, read_mapping
+from wbs_dist.lock import Lock
 from wbs_dist.schema import PREDICTION_COLUMNS
+
+# The trainer at work in this thread. Several trainers can share a process (tune interleaves a trial's
+# folds, Ray runs trials in threads), while logging handlers are process-wide: each fold's train.log
+# takes only the records logged while its own trainer works (methods decorated with `at_work`).
+_working: contextvars.ContextVar = contextvars.ContextVar("wbs_dist_fold_trainer", default=None)
+
+
+class OwnRecords(logging.Filter):
+    """Lets through the records logged while `owner` is at work in this thread."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = owner
+
+    def filter(self, record) -> bool:
+        return _working.get() is self.owner
+
+
+def at_work(method):
+    """Mark a method's records as its object's own (see OwnRecords)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        token = _working.set(self)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _working.reset(token)
+
+    return wrapper
+
 
 METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds", "samples_per_s")
 
@@ -74,6 +108,10 @@ class FoldDir:
     @property
     def log(self) -> Path:
         return self.path / "train.log"
+
+    def lock(self, what: str) -> Lock:
+        """One trainer per fold: two on one run directory interleave their files and fail their saves."""
+        return Lock(self.path / ".lock", what, subject=f"fold {self.fold} of {self.path.parent}")
 
     # -- state ------------------------------------------------------------------------------------------
     def is_finished(self) -> bool:

@@ -18,8 +18,6 @@ saves, and the process exits with PREEMPTED_EXIT_CODE (75) so the launcher reque
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import logging
 import math
 import os
@@ -34,6 +32,7 @@ from wbs_dist.config import Config, resume_differences
 from wbs_dist.data.folds import check_folds, has_folds, write_folds
 from wbs_dist.data.store import Store, int_to_key
 from wbs_dist.errors import ConfigError, UsageError
+from wbs_dist.lock import Locked
 from wbs_dist.schema import TUMOR_TYPES, VIEWS
 from wbs_dist.train import ddp
 from wbs_dist.train.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionFlag, apply_state, capture_rng_state,
@@ -42,36 +41,9 @@ from wbs_dist.train.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionFlag, appl
 from wbs_dist.train.dataset import LesionIndex, lesion_index
 from wbs_dist.train.loader import LesionLoader
 from wbs_dist.train.models import AUX_LOSS_WEIGHT, build_model, split_logits
-from wbs_dist.train.rundir import FoldDir, FoldResult
+from wbs_dist.train.rundir import FoldDir, FoldResult, OwnRecords, at_work
 
 log = logging.getLogger("wbs_dist.train")
-
-# The FoldTrainer at work in this thread. Several trainers can share a process (tune interleaves a
-# trial's folds, Ray runs trials in threads), while logging handlers are process-wide: each fold's
-# train.log takes only the records logged while its own trainer works.
-_working: contextvars.ContextVar = contextvars.ContextVar("wbs_dist_fold_trainer", default=None)
-
-
-class _OwnRecords(logging.Filter):
-    def __init__(self, trainer):
-        super().__init__()
-        self.trainer = trainer
-
-    def filter(self, record) -> bool:
-        return _working.get() is self.trainer
-
-
-def _at_work(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        token = _working.set(self)
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            _working.reset(token)
-
-    return wrapper
-
 
 
 class Preempted(SystemExit):
@@ -109,7 +81,17 @@ class FoldTrainer:
     # -- set-up ------------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
-        ddp.init_process_group(env, timeout_s=cfg.dist_timeout_s)
+        ddp.init_process_group(env, timeout_s=cfg.dist_timeout_s, rendezvous_dir=self.dir)
+        # One trainer per fold: rank 0 takes the run directory's lock, every rank learns whether it did.
+        refused = None
+        if env.is_main:
+            try:
+                self._lock = self.files.lock(f"wbs-dist train --fold {self.fold}").acquire()
+            except Locked as exc:
+                refused = str(exc)
+        refused = ddp.broadcast_object(refused)
+        if refused:
+            raise Locked(refused)
         self.rank_seed = ddp.seed_everything(cfg.seed, env.rank)
         # Use the CPUs SLURM gave this task, not every core of the node (ranks would oversubscribe it).
         if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
@@ -283,7 +265,7 @@ class FoldTrainer:
     def finished(self) -> FoldResult | None:
         return self.files.result()
 
-    @_at_work
+    @at_work
     def open(self, preemption: bool = True) -> None:
         """Build everything and resume from the run directory. `preemption` installs the signal flag
         (main thread only: Ray runs trials in threads, and handles stopping itself)."""
@@ -292,7 +274,7 @@ class FoldTrainer:
         self.last_val = None
         if self.env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._log_handler = self.files.log_handler(_OwnRecords(self))
+            self._log_handler = self.files.log_handler(OwnRecords(self))
             root = logging.getLogger("wbs_dist")
             root.addHandler(self._log_handler)
             if root.getEffectiveLevel() > logging.INFO:   # launched without the CLI (torchrun script, Ray)
@@ -307,7 +289,7 @@ class FoldTrainer:
                      self.fold, len(self.train_index), len(self.val_index), self.steps_per_epoch,
                      self.device.type, self.env.world_size)
 
-    @_at_work
+    @at_work
     def train_epoch(self) -> dict:
         """One epoch (the rest of it after a mid-epoch resume), validation, checkpoint; its metrics row."""
         main = self.env.is_main
@@ -355,7 +337,7 @@ class FoldTrainer:
         ddp.barrier()
         return row
 
-    @_at_work
+    @at_work
     def finish(self) -> FoldResult:
         """Final predictions and done.json (the fold counts as finished from then on)."""
         val = self.last_val or self._validate()    # None when resumed after the last epoch's checkpoint
@@ -379,6 +361,9 @@ class FoldTrainer:
             logging.getLogger("wbs_dist").removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
         ddp.cleanup()
 
     def run(self) -> FoldResult:
