@@ -75,6 +75,7 @@ def held_out():
     return _evaluate(HELD_OUT_SEED, PATIENTS)
 
 
+@pytest.mark.slow
 def test_finder_recovers_at_least_90_percent_of_annotated_lesions(held_out):
     print(f"held-out seed {HELD_OUT_SEED}, {PATIENTS} studies, {held_out['lesions']} lesions: "
           f"recall {held_out['recall']:.3f} (overlap > 0.3), {held_out['recall_iou']:.3f} (IoU > 0.3); "
@@ -85,6 +86,7 @@ def test_finder_recovers_at_least_90_percent_of_annotated_lesions(held_out):
     assert held_out["false_per_study"] <= 45
 
 
+@pytest.mark.slow
 def test_injection_sites_and_bladder_are_not_candidates(held_out):
     assert held_out["injections"], "the held-out archive should hold an injection site"
     assert held_out["injections"] == [0] * len(held_out["injections"])

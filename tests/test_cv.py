@@ -49,6 +49,7 @@ def test_sbatch_parameters_match_golden_file(name):
     assert text == golden.read_text(), f"sbatch text changed; review and rerun with WBS_UPDATE_GOLDEN=1\n{text}"
 
 
+@pytest.mark.slow
 def test_local_cv_runs_every_fold_and_writes_the_report(cv_store, tmp_path):
     cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs")
     res = run_cli("cv", cfg, "--launcher", "local")

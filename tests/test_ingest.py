@@ -148,6 +148,7 @@ def test_rerun_is_idempotent(synth_archive, ingested, tmp_path):
     assert store_snapshot(copy) == before
 
 
+@pytest.mark.slow
 def test_zip_and_tar_give_the_same_store(synth_archive, ingested, tmp_path):
     store, _ = ingested
     want = store_snapshot(store)
@@ -195,6 +196,7 @@ def test_no_identifier_reaches_store_or_log(synth_archive, ingested):
     assert oct(secret.stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.slow
 def test_kill_then_rerun_equals_uninterrupted(synth_archive, ingested, tmp_path):
     store, _ = ingested
     killed = tmp_path / "killed.zarr"
@@ -217,6 +219,7 @@ def test_kill_then_rerun_equals_uninterrupted(synth_archive, ingested, tmp_path)
     assert store_snapshot(killed) == store_snapshot(store)
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_tar_ingest_leaves_no_files_and_no_processes(synth_archive, tmp_path):
     """scancel or a time limit mid-ingest: the extracted DICOM files (names, MRNs) are removed, the
     worker processes stop with the run, and a rerun finishes the store."""

@@ -289,6 +289,7 @@ def rle_bomb(template: Path, out: Path, side: int = 16384) -> None:
     ds.save_as(out, enforce_file_format=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["zip", "dir"])
 def test_pixel_bomb_is_listed_at_bounded_memory(synth_archive, tmp_path, private_tmpdir, form):
     """Issue 13: a 9.5 KB zip holding a 16384 x 16384 RLE frame was decoded at 2.7 GB peak memory (and
@@ -328,6 +329,7 @@ def test_pixel_bomb_is_listed_at_bounded_memory(synth_archive, tmp_path, private
     assert not any(private_tmpdir.iterdir())
 
 
+@pytest.mark.slow
 def test_object_and_study_ceilings_come_from_the_command_line(synth_archive, tmp_path):
     """--max-object-mb 0.75: every two-frame object (1024 x 256 x 2 x int16 = 1 MiB) is refused from its
     header; studies of two single-view objects (0.5 MiB each) are refused as a whole, before decoding."""
@@ -362,6 +364,7 @@ def test_budgets_reach_the_header_pass_of_both_stages(synth_archive, workers):
     assert all(h.frames == 1 for h in headers.values() if not isinstance(h, str))
 
 
+@pytest.mark.slow
 def test_study_with_too_many_views_is_refused_before_decoding(archive_copy, tmp_path):
     """Nine frames in one object: nine views, none identified (no detector information). The old code
     stored them all; now the study is listed from its header."""
@@ -418,6 +421,7 @@ def test_mask_png_bomb_is_refused_from_its_header(archive_copy, tmp_path):
     assert len(st.lesion_table()["study"]) > 0
 
 
+@pytest.mark.slow
 def test_unreadable_zip_members_are_listed_and_a_rerun_finishes(synth_archive, tmp_path):
     """Issue 13: a zip member with a bad CRC crashed ingest (BadZipFile), every rerun crashed at the same
     file and the store never got its lesion table. Now: a bad CRC (stored member) and a corrupt deflate
@@ -479,6 +483,7 @@ def zeros_tar_gz(path: Path, before: list[tuple[str, bytes]], after: list[tuple[
         out.write(gzip.compress(bytes(1024), mtime=0))        # end of archive: two zero blocks
 
 
+@pytest.mark.slow
 def test_tar_gz_bomb_extracts_within_its_budget(synth_archive, tmp_path, private_tmpdir):
     """Issue 13: a 1 MB .tar.gz filled the temporary folder with 1 GB before any check. Now the
     extraction stops at 200 x the archive's size (here about 1.3 MB: 260 MB); the members beyond are
@@ -556,6 +561,7 @@ def test_tar_member_that_cannot_be_extracted_is_listed_and_the_rest_read(synth_a
     assert not any(private_tmpdir.iterdir())
 
 
+@pytest.mark.slow
 def test_tar_cut_short_keeps_the_members_before_the_break(synth_archive, tmp_path, private_tmpdir):
     """A .tar.gz cut off mid-way (a copy that ran out of space): the members before the break are read,
     and the rest of the archive is listed (a member cut half-way is listed, its file removed)."""

@@ -13,6 +13,8 @@ from wbs_dist.train.dataset import LesionDataset, lesion_index
 from wbs_dist.train.loader import LesionLoader, StudyCache, epoch_plan, steps_per_epoch
 from wbs_dist.data.store import Store, StoreError
 
+pytestmark = pytest.mark.slow
+
 H, W = 64, 32
 
 

@@ -84,6 +84,7 @@ def test_an_ingest_into_a_store_in_use_is_refused_naming_the_holder(synth_archiv
     assert not store.exists()                     # refused before anything was written
 
 
+@pytest.mark.slow
 def test_staggered_concurrent_ingests_leave_a_whole_store_or_a_clear_refusal(synth_archive, tmp_path):
     """Before the lock, 7 of 9 such pairs crashed or left a torn store with both runs exiting 0."""
     store = tmp_path / "store.zarr"
@@ -104,6 +105,7 @@ def test_staggered_concurrent_ingests_leave_a_whole_store_or_a_clear_refusal(syn
     assert not store.with_name("store.zarr.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_torn_study_is_written_again(synth_archive, tmp_path):
     store = tmp_path / "store.zarr"
     assert run_cli("ingest", synth_archive, "--store", store).returncode == 0

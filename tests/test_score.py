@@ -22,6 +22,8 @@ from wbs_dist.synth import plan_study
 
 from helpers import ROOT, WBS, kill_point_rng
 
+pytestmark = pytest.mark.slow
+
 SYNTH_SEED = 7  # conftest's synth_archive
 
 

@@ -12,6 +12,8 @@ import torch
 
 from helpers import ROOT, WBS, kill_point_rng, run_cli
 
+pytestmark = pytest.mark.slow
+
 CONFIG = ROOT / "configs" / "local.yaml"
 
 

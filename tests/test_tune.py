@@ -120,6 +120,7 @@ def sweep(loader_store, tmp_path_factory, sessions):
     return tmp / "plain", out
 
 
+@pytest.mark.slow
 def test_local_sweep_finishes_and_asha_stops_a_trial_early(sweep):
     exp, out = sweep
     rows = read_rows(exp)
@@ -142,6 +143,7 @@ def test_local_sweep_finishes_and_asha_stops_a_trial_early(sweep):
     assert "| trial | status | lr" in out and "best: " in out
 
 
+@pytest.mark.slow
 def test_best_yaml_is_a_complete_training_config(sweep, loader_store):
     from wbs_dist.config import load_config
 
@@ -156,6 +158,7 @@ def test_best_yaml_is_a_complete_training_config(sweep, loader_store):
     assert (exp / best["trial"] / "run" / "fold2" / "done.json").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_redoing_finished_work(sweep, loader_store, tmp_path, sessions):
     plain, _ = sweep
     args = sweep_args(loader_store, tmp_path, "killed", max_epochs=2)     # the same 4 points, shorter
@@ -197,6 +200,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_work(sweep, loader_s
         assert [f[:n] for f in a] == [f[:n] for f in b], r
 
 
+@pytest.mark.slow
 def test_rerun_of_a_sweep_with_other_settings_is_refused(sweep, loader_store):
     exp, _ = sweep
     res = run_cli(*sweep_args(loader_store, exp.parent, "plain", num_samples=5, lr_max=0.1))
