@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 from wbs_dist.config import load_config
 from wbs_dist.launch.slurm import slurm_parameters
 
-from helpers import ROOT, build_store, run_cli
+from helpers import ROOT, WBS, build_store, run_cli
 
 GOLDEN = ROOT / "tests" / "golden"
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
@@ -195,3 +196,31 @@ def test_a_config_built_in_code_is_checked_before_it_reaches_the_job_script():
 
     with pytest.raises(ConfigError, match="slurm_partition"):
         slurm_parameters(Config(slurm_partition="debug\n#SBATCH --time=1"))
+
+
+def test_a_restarted_driver_waits_for_its_fold_jobs_instead_of_submitting_them_again(slurm_cluster, cv_store,
+                                                                                    tmp_path):
+    # Epochs enough that the folds still run (or wait) when the driver is killed and started again.
+    cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs", slurm_tasks_per_node=1, epochs=8)
+    jobs_file = tmp_path / "runs" / "slurm" / "jobs.json"
+    driver = subprocess.Popen(WBS + ["cv", str(cfg), "--launcher", "slurm"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait(jobs_file.exists, "the driver's record of its fold jobs", timeout=120)
+    submitted = json.loads(jobs_file.read_text())
+    assert sorted(submitted) == ["0", "1", "2", "3", "4"]
+    # A second driver on the same run directory is refused while the first lives.
+    second = run_cli("cv", cfg, "--launcher", "slurm", timeout=120)
+    assert second.returncode == 1 and "is in use by pid" in second.stderr, second.stderr[-2000:]
+    os.killpg(driver.pid, signal.SIGKILL)          # the driver dies; its fold jobs go on
+    driver.communicate()
+    again = run_cli("cv", cfg, "--launcher", "slurm", timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "not submitting again" in again.stdout and "submitted folds" not in again.stdout, again.stdout[-3000:]
+    assert json.loads(jobs_file.read_text()) == submitted
+    # Every fold ran exactly once: sacct knows only the jobs the first driver submitted.
+    array = submitted["0"].split("_")[0]
+    states = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"],
+                            capture_output=True, text=True).stdout.split()
+    assert len(states) == 5 and all(s.endswith("|COMPLETED") for s in states), states
+    metrics = json.loads((tmp_path / "runs" / "report" / "metrics.json").read_text())
+    assert sorted(metrics["lesion"]["folds"]) == ["0", "1", "2", "3", "4"]

@@ -90,10 +90,12 @@ def _cmd_folds(args) -> int:
 
 def _cmd_train(args) -> int:
     from wbs_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)      # a bad config fails before torch is imported
     from wbs_dist.train.ddp import detect
     from wbs_dist.train.trainer import train_fold
 
-    result = train_fold(load_config(args.config, args.overrides), args.fold, require_resume=args.resume)
+    result = train_fold(cfg, args.fold, require_resume=args.resume)
     if detect().is_main:
         auc = "n/a" if result.val_auc is None else f"{result.val_auc:.4f}"
         print(f"fold {args.fold}: {result.epochs} epochs, validation AUC {auc}; predictions {result.predictions}")
@@ -102,10 +104,12 @@ def _cmd_train(args) -> int:
 
 def _cmd_cv(args) -> int:
     from wbs_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)      # a bad config fails before anything heavy loads
     from wbs_dist.evaluate.report import headline
     from wbs_dist.launch.cv import cross_validate
 
-    r = cross_validate(load_config(args.config, args.overrides), launcher=args.launcher)
+    r = cross_validate(cfg, launcher=args.launcher)
     for run in r.runs:
         print(headline(run))
     print(f"[cv] report: {r.report_dir / 'report.html'} (metrics: {r.report_dir / 'metrics.json'})")

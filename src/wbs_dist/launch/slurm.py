@@ -1,7 +1,7 @@
 """The folds as SLURM jobs through submitit: a job array, one DDP job per fold.
 
 Each array task runs `FoldJob(cfg)(fold)` under `srun` with slurm_nodes x slurm_tasks_per_node tasks;
-every task is one DDP rank (train.py reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID). The driver waits,
+every task is one DDP rank (train/ddp.py reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID). The driver waits,
 polling sacct, and then:
 
 - preemption and time limits: SLURM sends SIGUSR2 `slurm_signal_delay_s` before the limit (and
@@ -10,11 +10,14 @@ polling sacct, and then:
   RUN_DIR/fold<K>/last.pt. A requeue is not a failure and is not counted.
 - failures: a fold job that ends without its done.json is resubmitted up to slurm_max_retries times,
   each failure shown with the tail of its log; then the driver stops with the folds that failed.
-- rerunning the driver skips finished folds.
+- rerunning the driver skips finished folds, and waits for the fold jobs an earlier driver left
+  running (their ids are in RUN_DIR/slurm/jobs.json) instead of submitting them a second time; two
+  drivers never run on one run directory at once (RUN_DIR/.cv.lock).
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -24,7 +27,9 @@ from pathlib import Path
 import submitit
 
 from wbs_dist.config import Config, check, config_from_dict
+from wbs_dist.atomic import write_json
 from wbs_dist.errors import WbsError
+from wbs_dist.lock import Lock
 from wbs_dist.train.rundir import FoldDir
 from wbs_dist.train.trainer import Preempted, train_fold
 
@@ -108,18 +113,61 @@ def _failure(job) -> str:
     return "\n".join(lines[-15:]) or "(no log)"
 
 
+def _jobs_file(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / "slurm" / "jobs.json"
+
+
+def _record(cfg: Config, jobs: dict) -> None:
+    """The fold jobs in flight, so that a restarted driver finds them instead of submitting again."""
+    path = _jobs_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {str(k): job.job_id for k, job in jobs.items()})
+
+
+def _reattach(cfg: Config, executor, todo: list[int]) -> dict:
+    """Fold jobs an earlier driver submitted that SLURM still runs, queues or requeues."""
+    try:
+        recorded = json.loads(_jobs_file(cfg).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    jobs = {}
+    for k in todo:
+        job_id = recorded.get(str(k))
+        if not job_id:
+            continue
+        job = submitit.SlurmJob(folder=executor.folder, job_id=job_id)
+        state = _state(job)
+        # UNKNOWN: SLURM no longer knows it (accounting purged); anything terminal ran its course.
+        if state not in TERMINAL and state != "UNKNOWN":
+            print(f"[cv] fold {k}: job {job_id} of an earlier driver is {state}; waiting for it, not "
+                  f"submitting again", flush=True)
+            jobs[k] = job
+    return jobs
+
+
 def run_folds_slurm(cfg: Config, poll_s: float = 5.0) -> None:
+    # One driver per run directory: a second would submit every unfinished fold again.
+    with Lock(Path(cfg.run_dir) / ".cv.lock", "wbs-dist cv --launcher slurm", subject=f"run {cfg.run_dir}"):
+        _run_folds(cfg, poll_s)
+
+
+def _run_folds(cfg: Config, poll_s: float) -> None:
     executor = _executor(cfg)
     todo = [k for k in range(cfg.folds) if not FoldDir.of(cfg, k).is_finished()]
     if not todo:
         print("[cv] every fold is finished already", flush=True)
         return
     payload = FoldJob(cfg.to_dict())
-    with executor.batch():
-        jobs = {k: executor.submit(payload, k) for k in todo}
+    jobs = _reattach(cfg, executor, todo)
+    new = [k for k in todo if k not in jobs]
+    if new:
+        with executor.batch():
+            submitted = {k: executor.submit(payload, k) for k in new}
+        jobs.update(submitted)
+        _record(cfg, jobs)
+        print(f"[cv] submitted folds {new} as array job {next(iter(submitted.values())).job_id.split('_')[0]} "
+              f"(logs: {Path(cfg.run_dir) / 'slurm'})", flush=True)
     attempts = {k: 1 for k in todo}
-    print(f"[cv] submitted folds {todo} as array job {next(iter(jobs.values())).job_id.split('_')[0]} "
-          f"(logs: {Path(cfg.run_dir) / 'slurm'})", flush=True)
     failed: dict[int, str] = {}
     last_states: dict[int, str] = {}
     while jobs:
@@ -141,6 +189,7 @@ def run_folds_slurm(cfg: Config, poll_s: float = 5.0) -> None:
             if attempts[k] <= cfg.slurm_max_retries:
                 attempts[k] += 1
                 jobs[k] = executor.submit(payload, k)
+                _record(cfg, jobs)
                 print(f"[cv] fold {k} resubmitted as job {jobs[k].job_id} "
                       f"(attempt {attempts[k]} of {cfg.slurm_max_retries + 1})", flush=True)
             else:
