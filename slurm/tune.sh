@@ -24,12 +24,16 @@ source "$venv/bin/activate"
 cpus="${SLURM_CPUS_PER_TASK:-1}"
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_ip="${RAY_HEAD_IP:-$(hostname -I | awk '{print $1}')}"
-port=$((6380 + SLURM_JOB_ID % 1000))   # jobs sharing a node must not share a head port
+# A port the system has free now, not one derived from the job id: two jobs on one node, or another
+# service, may hold any fixed choice.
+port=$(python -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
 export RAY_ADDRESS="$head_ip:$port"     # `wbs-dist tune` connects to it instead of starting Ray
 # The head enables Ray 2.60's token authentication by default, but clients only use it when told so:
 # say it to all of them. The token is ~/.ray/auth_token (or RAY_AUTH_TOKEN), which the nodes must share.
 export RAY_AUTH_MODE=token
-ray_tmp="/tmp/ray-$SLURM_JOB_ID"       # short: Ray's socket paths must fit in 107 bytes
+# Private to this user and job, made fresh (a fixed name in the shared /tmp could be another user's);
+# short: Ray's socket paths must fit in 107 bytes.
+ray_tmp=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-XXXX")
 
 pids=()
 # Ray started with --block fate-shares with its `ray start` process: ending that process (here; the

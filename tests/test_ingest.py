@@ -253,3 +253,50 @@ def test_sigterm_during_a_tar_ingest_leaves_no_files_and_no_processes(synth_arch
     assert not left, f"processes left behind: {left}"
     res = run_cli("ingest", tar, "--store", store)
     assert res.returncode == 0 and "12 studies" in res.stdout, res.stdout + res.stderr
+
+
+def _studies_by_uid(archive: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for path in dicom_files(archive):
+        out.setdefault(str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID), []).append(path)
+    return out
+
+
+def _rewrite(paths, **values):
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for key, value in values.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+
+
+def test_deidentification_holds_for_hostile_headers(archive_copy, tmp_path):
+    """Burned-in text is refused, free-text device fields keep only a vocabulary word, and a malformed
+    UID is never quoted by a warning: no byte of the store, its errors file or the output shows them."""
+    studies = _studies_by_uid(archive_copy)
+    uids = sorted(studies)
+    burned, device, odd = uids[0], uids[1], uids[2]
+    _rewrite(studies[burned], BurnedInAnnotation="YES")
+    _rewrite(studies[device], Manufacturer="Kellerman Imaging of Ostby", ManufacturerModelName="Discovery NM/CT 670 (room of Dr Ostbyhaugen)")
+    # A UID with letters (pydicom's validation quotes such values in full), annotations moved with it.
+    hostile = odd.rsplit(".", 1)[0] + ".Ostbyhaugen77"
+    _rewrite(studies[odd], StudyInstanceUID=hostile)
+    csv_path = archive_copy / "annotations.csv"
+    csv_path.write_text(csv_path.read_text().replace(odd, hostile))
+    if (archive_copy / "masks" / odd).exists():
+        (archive_copy / "masks" / odd).rename(archive_copy / "masks" / hostile)
+    store = tmp_path / "store.zarr"
+    res = run_cli("ingest", archive_copy, "--store", store)
+    assert res.returncode == 3, res.stderr[-2000:]
+    errors = (tmp_path / "store.zarr.errors.csv").read_text()
+    assert "Burned In Annotation" in errors and errors.count("Burned In Annotation") == len(studies[burned])
+    assert "11 studies" in res.stdout                      # the burned-in study is not stored
+    blobs = [res.stdout.encode(), res.stderr.encode()] + [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    for secret in ("Kellerman", "Ostby", "Ostbyhaugen77", hostile):
+        assert not any(secret.encode() in blob for blob in blobs), f"{secret!r} leaked"
+    sources = [s for key in Store.open(store).study_keys() for s in Store.open(store).study(key).attrs["sources"]]
+    assert {(s.get("Manufacturer"), s.get("ManufacturerModelName")) for s in sources} >= \
+        {(None, "Discovery NM/CT 670"), ("GE", "Discovery NM/CT 670"), ("Philips", "Precedence")}
+    # Accepted on request, knowingly: the store is then not de-identified.
+    again = run_cli("ingest", archive_copy, "--store", store, "--accept-burned-in")
+    assert "(1 new, 11 already there)" in again.stdout, again.stdout + again.stderr

@@ -33,7 +33,7 @@ def _part(path: Path) -> str | None:
     if len(rel.parts) > 1:
         return rel.parts[0]
     name = rel.stem
-    return "shared" if name in SHARED else None          # cli, demo, __init__: may import anything
+    return "shared" if name in SHARED else None          # cli, cli_parser, demo, __init__: may import anything
 
 
 def _imports(path: Path):

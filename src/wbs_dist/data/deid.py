@@ -22,18 +22,45 @@ from wbs_dist.errors import UsageError
 
 SECRET_ENV = "WBS_DIST_SECRET_FILE"
 
-# Attributes copied into a study's metadata. Everything else is dropped.
+# Attributes copied into a study's metadata as they are. Everything else is dropped, except the camera
+# (DEVICE_ATTRIBUTES), kept only as a word of a fixed vocabulary.
 KEPT_ATTRIBUTES = (
     "Modality",
     "SOPClassUID",
-    "Manufacturer",             # camera vendor: the study used two; a site may compare them
-    "ManufacturerModelName",
     "Rows",
     "Columns",
     "BitsStored",
     "PixelRepresentation",
     "PixelSpacing",
 )
+# Free text a site's staff or a converter may have filled with anything (a station nickname, a name):
+# the vendor and the model family are kept when they are among the known gamma cameras (the study used
+# two vendors; a site may compare them), and dropped otherwise.
+DEVICE_ATTRIBUTES = ("Manufacturer", "ManufacturerModelName")
+VENDORS = {   # vocabulary -> how DICOM writers spell it (upper case, at the start of the field)
+    "GE": ("GE ", "GE MEDICAL", "GE HEALTHCARE", "GENERAL ELECTRIC", "ELSCINT"),
+    "Philips": ("PHILIPS", "ADAC"),
+    "Siemens": ("SIEMENS",),
+    "Canon": ("CANON", "TOSHIBA"),
+    "Mediso": ("MEDISO",),
+    "Spectrum Dynamics": ("SPECTRUM DYNAMICS",),
+    "Digirad": ("DIGIRAD",),
+    "Hitachi": ("HITACHI",),
+}
+MODEL_FAMILIES = ("Discovery NM/CT 670", "Discovery NM/CT 870", "Discovery NM 630", "Discovery NM 530",
+                  "Optima NM/CT 640", "NM/CT 870", "StarGuide", "Infinia", "Millennium", "Ventri",
+                  "Symbia", "Intevo", "e.cam", "E.CAM", "BrightView", "Precedence", "Forte", "Skylight",
+                  "Axis", "AnyScan", "D-SPECT", "Veriton", "Ergo", "Cardius")
+
+
+def device_fields(manufacturer: str | None, model: str | None) -> dict:
+    """The camera as the store keeps it: {'Manufacturer': vendor or None, 'ManufacturerModelName':
+    model family or None}, never the free text itself."""
+    text = " ".join(str(manufacturer or "").upper().split()) + " "
+    vendor = next((name for name, spellings in VENDORS.items() if text.startswith(spellings)), None)
+    text = " ".join(str(model or "").split()).upper()
+    family = next((f for f in MODEL_FAMILIES if f.upper() in text), None)
+    return {"Manufacturer": vendor, "ManufacturerModelName": family}
 
 
 def default_secret_path() -> Path:

@@ -17,8 +17,13 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from wbs_dist.data.deid import KEPT_ATTRIBUTES
+from wbs_dist.data.deid import DEVICE_ATTRIBUTES, KEPT_ATTRIBUTES, device_fields
 from wbs_dist.schema import ANTERIOR, POSTERIOR, UNKNOWN_VIEW
+
+# Reading never validates values: pydicom's validation warnings quote the offending value in full, and
+# a malformed UID or name is exactly what must never reach a log (DESIGN 3.4). What this module needs
+# it checks itself.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 NM_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 SECONDARY_CAPTURE = {
@@ -52,6 +57,7 @@ class Header:
     directory: bool = False  # a DICOMDIR index: skipped quietly
     frames: int = 1          # declared NumberOfFrames: the views this object brings to its study
     nbytes: int = 0          # declared pixel data: rows x columns x frames x samples x bytes
+    burned_in: bool = False  # Burned In Annotation (0028,0301) YES: text such as a name may be in the pixels
 
 
 @dataclass
@@ -129,7 +135,8 @@ def read_header(data, max_bytes: int | None = None) -> Header:
     _check_modality(ds)
     frames, nbytes = check_size(ds, max_bytes)
     return Header(study_uid=study, patient_id=str(ds.get("PatientID", "") or ""), sop_uid=sop,
-                  frames=frames, nbytes=nbytes)
+                  frames=frames, nbytes=nbytes,
+                  burned_in=str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES")
 
 
 def _check_modality(ds: pydicom.Dataset) -> None:
@@ -216,6 +223,8 @@ def decode(data: bytes, max_bytes: int | None = None) -> DecodedObject:
     frames = frames.astype(frames.dtype.newbyteorder("="), copy=False)
     names = identify_views(ds, frames.shape[0])
     meta = {k: _plain(ds.get(k)) for k in KEPT_ATTRIBUTES if k in ds}
+    if any(k in ds for k in DEVICE_ATTRIBUTES):
+        meta.update(device_fields(ds.get("Manufacturer"), ds.get("ManufacturerModelName")))
     meta["TransferSyntaxUID"] = ts
     return DecodedObject(views=[View(name, np.ascontiguousarray(f)) for name, f in zip(names, frames)], meta=meta)
 

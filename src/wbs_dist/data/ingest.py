@@ -22,6 +22,8 @@ from wbs_dist.data.workers import StudyPool, assemble, worker_state
 from wbs_dist.errors import UsageError
 
 ERRORS_COLUMNS = ("path", "reason")
+BURNED_IN = ("refused: Burned In Annotation (0028,0301) is YES: text in the pixels may name the patient; "
+             "its study is not stored (--accept-burned-in stores it, and the store is then not de-identified)")
 
 
 @dataclass
@@ -48,10 +50,12 @@ def _study_task(job: StudyJob) -> tuple[bool, int, list[tuple[str, str]]]:
 def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_file: Path | None = None,
            workers: int = 2, train_size: tuple[int, int] = (512, 256),
            errors_path: Path | None = None, max_object_mb: float = DEFAULT_MAX_OBJECT_MB,
-           max_views: int = DEFAULT_MAX_VIEWS) -> IngestResult:
+           max_views: int = DEFAULT_MAX_VIEWS, accept_burned_in: bool = False) -> IngestResult:
     """Ingest `archive` into `store` (created, or completed when it exists) and write the errors CSV.
     Objects declaring more than `max_object_mb` of pixel data and studies of more than `max_views`
-    views are listed, not decoded (studies.Budgets)."""
+    views are listed, not decoded (studies.Budgets). A study with an object marked Burned In
+    Annotation YES is listed, not stored, unless `accept_burned_in` (the store is then not
+    de-identified: its pixels may show a name or an ID)."""
     budgets = Budgets(max_object_mb, max_views)
     secret = load_or_create_secret(secret_file)
     if Path(store).resolve() == Path(archive).resolve():
@@ -70,6 +74,9 @@ def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_f
             jobs, patients_tumor = [], defaultdict(set)
             already = 0
             for uid, objs in in_archive_order(studies):
+                if not accept_burned_in and any(h.burned_in for _, h in objs):
+                    errors += [(name, BURNED_IN) for name, _ in objs]
+                    continue
                 patient_id = patient_id_of(objs)
                 # A study without Patient ID becomes its own patient: never merged with a stranger.
                 patient = keyed_hash(secret, "patient", patient_id) if patient_id else \

@@ -68,7 +68,8 @@ class TuneSpec:
                                 affects_results=False)
     cpus: int = key(0, "CPUs of a local Ray instance (0 = all); ignored with RAY_ADDRESS", at_least(0),
                     affects_results=False)
-    ray_temp_dir: str = key("/tmp/ray-wbs", "local Ray's session files; short: socket paths must fit 107 bytes",
+    ray_temp_dir: str = key("", "local Ray's session files (empty: /tmp/ray-wbs-<your uid>, yours alone on a "
+                            "shared node); short: socket paths must fit 107 bytes",
                             no_control_chars("Ray builds its session and socket paths from it"),
                             affects_results=False)
     # --- where --------------------------------------------------------------------------------------
@@ -237,7 +238,8 @@ def _ray_init(spec: TuneSpec) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])      # a head started by slurm/tune.sh (or any cluster)
     else:
-        ray.init(num_cpus=spec.cpus or None, include_dashboard=False, _temp_dir=spec.ray_temp_dir)
+        ray.init(num_cpus=spec.cpus or None, include_dashboard=False,
+                 _temp_dir=spec.ray_temp_dir or f"/tmp/ray-wbs-{os.getuid()}")
 
 
 def run_sweep(spec: TuneSpec, base: Config, param_space: dict | None = None, early_stopping: bool = True) -> list[dict]:
