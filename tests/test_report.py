@@ -122,7 +122,7 @@ def test_metrics_json_shape_matches_contract(tmp_path):
     assert rc == 0
     doc = json.loads((out / "metrics.json").read_text())
     _keys_exactly(doc, ["threshold", "lesion", "patient", "subgroups"],
-                  ["thresholds", "notes", "methods", "input", "run"])
+                  ["thresholds", "notes", "methods", "input", "run", "bootstrap"])
     assert doc["threshold"] == 0.5
     _keys_exactly(doc["lesion"], ["folds", "mean", "std", "pooled"])
     _keys_exactly(doc["patient"], ["pooled"])
@@ -130,17 +130,28 @@ def test_metrics_json_shape_matches_contract(tmp_path):
     _keys_exactly(doc["subgroups"]["burden"], ["few", "medium", "extensive", "chi2"])
     _keys_exactly(doc["subgroups"]["tumor_type"], ["lung", "prostate", "breast", "chi2"], ["other"])
     assert list(doc["lesion"]["folds"]) == ["0", "1"]
-    blocks = [*doc["lesion"]["folds"].values(), doc["lesion"]["pooled"], doc["patient"]["pooled"],
-              *(m for dim in doc["subgroups"].values() for k, m in dim.items() if k != "chi2")]
-    for m in blocks:
+    # DESIGN 3.3's added keys: patient-bootstrap intervals in lesion.pooled and every subgroup (with
+    # the replicates used where fewer than B), a cluster-aware test beside each Pearson chi-square.
+    clustered = [doc["lesion"]["pooled"],
+                 *(m for dim in doc["subgroups"].values() for k, m in dim.items() if k != "chi2")]
+    plain = [*doc["lesion"]["folds"].values(), doc["patient"]["pooled"]]
+    for m in plain:
         _keys_exactly(m, METRIC_KEYS, ["ci"])
+    for m in clustered:
+        _keys_exactly(m, [*METRIC_KEYS, "ci_patient_bootstrap"], ["ci", "ci_patient_bootstrap_replicates"])
+        _keys_exactly(m["ci_patient_bootstrap"], [*RATES, "auc"])
+        assert set(m.get("ci_patient_bootstrap_replicates", {})) <= {*RATES, "auc"}
+    blocks = plain + clustered
+    for m in blocks:
         _keys_exactly(m["ci"], [*RATES, "auc"])
     for m in (doc["lesion"]["mean"], doc["lesion"]["std"]):
         _keys_exactly(m, METRIC_KEYS)
     for dim in doc["subgroups"].values():
         _keys_exactly(dim["chi2"], RATES)
         for c in dim["chi2"].values():
-            _keys_exactly(c, ["chi2", "p"], ["df"])
+            _keys_exactly(c, ["chi2", "p"], ["df", "cluster"])
+            _keys_exactly(c["cluster"], ["method", "chi2", "df", "p", "p_chi2", "deff"])
+    assert doc["bootstrap"] == {"replicates": 2000, "seed": 0}
     for m in blocks:
         for rate in RATES:
             assert m[rate] is None or 0.0 <= m[rate] <= 1.0
@@ -384,3 +395,65 @@ def test_youden_without_enough_folds_exits_2(tmp_path, capsys):
 def test_read_predictions_raises_input_error(tmp_path):
     with pytest.raises(InputError, match="row 4, column 'score'"):
         read_predictions(write_csv(tmp_path / "b.csv", _replace(4, "score", "x")(ten_rows())))
+
+
+# --- intervals and tests that respect patients (issue 14) ----------------------------------------
+
+
+def test_cli_writes_patient_bootstrap_and_cluster_test_reproducibly(tmp_path):
+    argv = ["report", str(TEN), "--bootstrap", "300", "--seed", "5"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    text = (tmp_path / "a" / "metrics.json").read_text()
+    assert text == (tmp_path / "b" / "metrics.json").read_text()  # same seed, same file
+    doc = json.loads(text)
+    assert doc["bootstrap"] == {"replicates": 300, "seed": 5}
+    pooled = doc["lesion"]["pooled"]
+    for key in (*RATES, "auc"):
+        lo, hi = pooled["ci_patient_bootstrap"][key]
+        assert 0.0 <= lo <= pooled[key] <= hi <= 1.0
+    assert "ci_patient_bootstrap" in doc["subgroups"]["tumor_type"]["lung"]
+    assert "ci_patient_bootstrap" not in doc["patient"]["pooled"]  # patients are the unit there
+    cluster = doc["subgroups"]["burden"]["chi2"]["accuracy"]["cluster"]
+    assert cluster["method"] == "rao_scott_permutation" and 0 < cluster["p"] <= 1
+    assert doc["subgroups"]["burden"]["chi2"]["accuracy"]["chi2"] == pytest.approx(0.625)  # unchanged
+    assert "B = 300" in doc["methods"]["ci_patient_bootstrap"]
+    assert "assume independent lesions" in doc["methods"]["independence"]
+    assert main([*argv[:-1], "6", "--out", str(tmp_path / "c")]) == 0
+    other = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert other["lesion"]["pooled"]["ci_patient_bootstrap"] != pooled["ci_patient_bootstrap"]
+
+
+def test_report_shows_both_intervals_and_both_p(tmp_path):
+    rc, out = report(tmp_path, TEN)
+    assert rc == 0
+    md = (out / "tables.md").read_text()
+    assert "| Lesion level (Wilson / DeLong) | Lesion level (patient bootstrap) | Patient level |" in md
+    assert "| Accuracy (%) | 80.00 (49.02–94.33) | 80.00 (" in md
+    assert md.count("| p (patients) |  |") == 2
+    assert "| p |  | 0.392 |" in md  # Pearson's stays
+    page = (out / "report.html").read_text()
+    assert "assume independent lesions" in page and "Rao–Scott" in page and "patient bootstrap" in page
+
+
+def test_bootstrap_off_and_bad_values(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", str(TEN), "--out", str(out), "--bootstrap", "0"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert "ci_patient_bootstrap" not in doc["lesion"]["pooled"]
+    cluster = doc["subgroups"]["tumor_type"]["chi2"]["sensitivity"]["cluster"]
+    assert cluster["method"] == "rao_scott" and cluster["p"] == cluster["p_chi2"]
+    assert "Lesion level (patient bootstrap)" not in (out / "tables.md").read_text()
+    for flag, value in (("--bootstrap", "-1"), ("--seed", "-2")):
+        assert main(["report", str(TEN), "--out", str(tmp_path / "x"), flag, value]) == 2
+        assert f"{flag}: expected" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_degenerate_auc_interval_and_expected_count_notes_in_metrics_json(ten):
+    # Fold 1 separates perfectly (AUC 1): DeLong's interval would be [1, 1].
+    lo, hi = ten["lesion"]["folds"]["1"]["ci"]["auc"]
+    assert hi == 1.0 and lo < 0.9
+    assert any(n.startswith("lesion.folds.1: AUC 1.000: DeLong variance 0") for n in ten["notes"])
+    assert ("subgroups.burden.chi2: accuracy chi-square: 6 of 6 cells (100.0 %) have an expected count "
+            "below 5 (minimum 0.40); the chi-square approximation may not hold") in ten["notes"]

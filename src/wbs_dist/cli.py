@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from wbs_dist.cli_parser import build_parser
-from wbs_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED, WbsError
+from wbs_dist.errors import EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED, UsageError, WbsError
 
 log = logging.getLogger("wbs_dist")
 
@@ -144,7 +144,12 @@ def _cmd_report(args) -> int:
     from wbs_dist.evaluate.analysis import parse_threshold
     from wbs_dist.evaluate.report import headline, write_report
 
-    runs = write_report(args.predictions, args.out, parse_threshold(args.threshold))
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap: expected 0 (off) or a number of replicates, got {args.bootstrap}")
+    if args.seed < 0:
+        raise UsageError(f"--seed: expected a number >= 0, got {args.seed}")
+    runs = write_report(args.predictions, args.out, parse_threshold(args.threshold),
+                        bootstrap=args.bootstrap, seed=args.seed)
     for run in runs:
         print(headline(run))
     print(f"report: {args.out / 'report.html'}")

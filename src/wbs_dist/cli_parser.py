@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.add_argument("--threshold", default="0.5",
                    help="decision threshold: a number in [0,1], or 'youden' (chosen on training folds only)")
+    s.add_argument("--bootstrap", type=int, default=2000, metavar="B",
+                   help="patient-cluster bootstrap replicates for the intervals, and permutations for the "
+                   "subgroups' cluster test (default 2000; 0 = off)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and permutations (default 0)")
 
     s = sub.add_parser("score", help="score an archive's lesions with a run's fold ensemble",
                        description="Score every lesion of a DICOM archive (folder, .zip, .tar) with the mean "

@@ -1,8 +1,10 @@
 """The study's diagnostic-accuracy statistics (DESIGN 1 and 3.3).
 
 Confusion counts and the five rates, ROC AUC, 95 % confidence intervals (Wilson score for rates,
-DeLong for the AUC), Pearson chi-square across subgroups, fold mean and standard deviation, and the
-Youden threshold.
+DeLong for the AUC; Newcombe's score interval where DeLong's variance is 0), Pearson chi-square
+across subgroups (with SPSS's warning on expected counts below 5), fold mean and standard
+deviation, and the Youden threshold. All of them treat lesions as independent; clustered.py has
+the patient-level counterparts.
 
 A quantity that is undefined (a rate with a zero denominator, an AUC without both classes, a
 chi-square with fewer than two usable subgroups) is ``None`` together with a note saying why, never
@@ -16,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 
 import numpy as np
+from scipy.optimize import brentq
 from scipy.stats import chi2_contingency, rankdata
 from sklearn.metrics import roc_auc_score
 
@@ -113,6 +116,30 @@ def auc_interval(auc: float, variance: float, z: float = Z95) -> tuple[float, fl
     return max(0.0, auc - half), min(1.0, auc + half)
 
 
+def auc_score_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> tuple[float, float]:
+    """Score-type 95 % interval for the AUC (Newcombe 2006, Stat Med 25:559-573, method 5).
+
+    The interval is every theta with (auc - theta)^2 <= z^2 V(theta), where
+    V(theta) = theta (1 - theta) / (m n) * [1 + (N - 1) ((1 - theta) / (2 - theta) + theta / (1 + theta))],
+    N = (m + n) / 2: the Hanley-McNeil variance with m - 1 and n - 1 both replaced by N - 1, taken at
+    theta (as Wilson's interval takes p (1 - p) at p) rather than at the estimate. It is used where
+    DeLong's variance is 0 (perfect separation): a Wald interval then has width 0, and so do a
+    patient bootstrap (every replicate separates perfectly) and a logit interval (logit 1 is
+    infinite), while this one keeps a lower bound that grows towards 1 with the sample size.
+    """
+    m, n = n_pos, n_neg
+    big_n = (m + n) / 2
+
+    def q(theta: float) -> float:  # ((auc - theta)^2 - z^2 V(theta)) / (theta (1 - theta))
+        shape = 1 + (big_n - 1) * ((1 - theta) / (2 - theta) + theta / (1 + theta))
+        return (auc - theta) ** 2 / (theta * (1 - theta)) - z * z * shape / (m * n)
+
+    eps = 1e-12
+    lo = 0.0 if auc <= eps else brentq(q, eps, min(auc, 1 - eps))
+    hi = 1.0 if auc >= 1 - eps else brentq(q, max(auc, eps), 1 - eps)
+    return lo, hi
+
+
 def summarize(y_true: Sequence[int], scores: Sequence[float],
               y_pred: Sequence[bool]) -> tuple[dict, list[str]]:
     """The metrics block M of DESIGN 3.3 plus ``"ci"`` (95 %: Wilson for rates, DeLong for the AUC).
@@ -143,6 +170,13 @@ def summarize(y_true: Sequence[int], scores: Sequence[float],
         if variance is None:
             notes.append("AUC confidence interval undefined: DeLong needs at least 2 malignant "
                          "and 2 benign cases")
+        elif variance < 1e-20:
+            # Exactly 0 up to rounding: otherwise it is at least ~1 / (4 n^2 m) (components are
+            # multiples of 1 / 2n), about 1e-13 even at 15,000 lesions a class.
+            ci["auc"] = list(auc_score_interval(m["auc"], positives, counts["n"] - positives))
+            why = "perfect separation" if m["auc"] in (0.0, 1.0) else "every structural component equal"
+            notes.append(f"AUC {m['auc']:.3f}: DeLong variance 0 ({why}), so its interval has width 0; "
+                         "'ci' holds the score interval of Newcombe (2006) instead")
         else:
             ci["auc"] = list(auc_interval(m["auc"], variance))
     elif counts["n"]:
@@ -177,8 +211,14 @@ def chi_square(groups: Mapping[str, Mapping[str, int]]) -> tuple[dict, list[str]
             side = "numerator" if not table[0].sum() else "complement"
             notes.append(f"{rate} chi-square undefined: the {side} is 0 in every subgroup")
             continue
-        stat, p, dof, _ = chi2_contingency(table, correction=False)
+        stat, p, dof, expected = chi2_contingency(table, correction=False)
         out[rate] = {"chi2": float(stat), "p": float(p), "df": int(dof)}
+        small = int(np.sum(expected < 5))
+        if small:
+            # SPSS's footnote under a crosstab: "n cells (x %) have expected count less than 5".
+            notes.append(f"{rate} chi-square: {small} of {expected.size} cells "
+                         f"({100 * small / expected.size:.1f} %) have an expected count below 5 "
+                         f"(minimum {expected.min():.2f}); the chi-square approximation may not hold")
     return out, notes
 
 

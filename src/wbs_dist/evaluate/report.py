@@ -17,6 +17,7 @@ from typing import NamedTuple
 from wbs_dist import atomic
 from wbs_dist.errors import UsageError
 from wbs_dist.evaluate.analysis import YOUDEN, Run, analyse, run_names
+from wbs_dist.evaluate.clustered import DEFAULT_B, DEFAULT_SEED
 from wbs_dist.evaluate.plots import png, run_figures, runs_roc_figure
 from wbs_dist.evaluate.predictions import read_predictions
 from wbs_dist.evaluate.tables import auc_text, pct, run_tables, runs_table, threshold_text
@@ -75,6 +76,10 @@ def _render(runs: Sequence[Run]) -> Rendered:
         for name, fig in run_figures(run).items():
             data = pngs[f"{prefix}{name}.png"] = png(fig)
             body.append(_img(data, f"{name} — {run.name}"))
+        methods = run.metrics["methods"]
+        md.append("Methods:\n\n" + "\n".join(f"- {k}: {v}" for k, v in methods.items()) + "\n")
+        body.append("<h3>Methods</h3><ul>" + "".join(
+            f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in methods.items()) + "</ul>")
         notes = run.metrics["notes"]
         if notes:
             md.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
@@ -85,19 +90,24 @@ def _render(runs: Sequence[Run]) -> Rendered:
     return Rendered(doc, pngs, "\n".join(md), page)
 
 
-def write_report(predictions: Sequence[Path], out: Path, threshold: float | str = 0.5) -> list[Run]:
+def write_report(predictions: Sequence[Path], out: Path, threshold: float | str = 0.5,
+                 bootstrap: int = DEFAULT_B, seed: int = DEFAULT_SEED) -> list[Run]:
     """Write OUT/metrics.json, OUT/tables.md, the PNGs and OUT/report.html; return the runs.
 
-    `threshold`: a number in [0, 1] or "youden", already parsed (analysis.parse_threshold). A bad
-    input is an InputError, an `out` that is not a folder a UsageError; either leaves `out` untouched.
+    `threshold`: a number in [0, 1] or "youden", already parsed (analysis.parse_threshold).
+    `bootstrap`: patient-bootstrap replicates and cluster-test permutations (0 = off), `seed` theirs.
+    A bad input is an InputError, an `out` that is not a folder a UsageError; either leaves `out`
+    untouched.
     """
     spec = _check_threshold(threshold)
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(f"bootstrap: expected a number of replicates >= 0, got {bootstrap!r}")
     paths = [Path(p) for p in predictions]
     if not paths:
         raise ValueError("write_report: no predictions files")
     # Every input is read and checked before anything is written, so a bad file leaves no half report.
     preds = [read_predictions(p) for p in paths]
-    runs = [analyse(name, pred, spec) for name, pred in zip(run_names(paths), preds)]
+    runs = [analyse(name, pred, spec, bootstrap, seed) for name, pred in zip(run_names(paths), preds)]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")

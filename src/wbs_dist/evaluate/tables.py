@@ -42,9 +42,9 @@ def _p(p: float | None) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _with_ci(m: dict, key: str) -> str:
+def _with_ci(m: dict, key: str, interval: str = "ci") -> str:
     text = auc_text(m[key]) if key == "auc" else pct(m[key])
-    ci = m["ci"][key]
+    ci = m[interval][key]
     if ci is None or m[key] is None:
         return text
     lo, hi = ci
@@ -109,13 +109,25 @@ def fold_table(run: Run) -> Table:
 def pooled_table(run: Run) -> Table:
     """Pooled lesion and patient level with counts and 95 % CIs."""
     les, pat = run.metrics["lesion"]["pooled"], run.metrics["patient"]["pooled"]
-    rows = [[k.upper() if k != "n" else "n", str(les[k]), str(pat[k])] for k in ("n", "tp", "fp", "tn", "fn")]
-    rows += [[RATE_TITLES[r], _with_ci(les, r), _with_ci(pat, r)] for r in RATES]
-    rows.append(["AUC", _with_ci(les, "auc"), _with_ci(pat, "auc")])
-    return Table(f"Pooled, with 95 % confidence intervals — {run.name}",
-                 ["", "Lesion level", "Patient level"], rows,
-                 "Wilson score intervals for rates, DeLong for the AUC. A patient is malignant if any "
-                 "lesion is; its score is its highest lesion score.")
+    boot = "ci_patient_bootstrap" in les
+    rows = [[k.upper() if k != "n" else "n", str(les[k])] + ([""] if boot else []) + [str(pat[k])]
+            for k in ("n", "tp", "fp", "tn", "fn")]
+    for key, title in [(r, RATE_TITLES[r]) for r in RATES] + [("auc", "AUC")]:
+        bootstrapped = [_with_ci(les, key, "ci_patient_bootstrap")] if boot else []
+        rows.append([title, _with_ci(les, key)] + bootstrapped + [_with_ci(pat, key)])
+    header = ["", "Lesion level (Wilson / DeLong)"] + (["Lesion level (patient bootstrap)"] if boot else [])
+    caption = ("Lesion level (Wilson / DeLong): Wilson score intervals for rates, DeLong for the AUC, as the "
+               "study reports them; they assume independent lesions, which lesions of one patient are not, "
+               "so they are too narrow. ")
+    if boot:
+        b = run.metrics["bootstrap"]
+        caption += (f"Lesion level (patient bootstrap): 95 % percentile intervals over {b['replicates']} "
+                    f"replicates that resample patients with all their lesions (seed {b['seed']}); quote "
+                    "these for lesion-level claims. ")
+    caption += ("Patient level: Wilson / DeLong, patients are independent. A patient is malignant if any "
+                "lesion is; its score is its highest lesion score.")
+    return Table(f"Pooled, with 95 % confidence intervals — {run.name}", header + ["Patient level"], rows,
+                 caption)
 
 
 # The burden definition as schema writes it, with typographic dashes for the ranges ("1–3").
@@ -131,7 +143,15 @@ def subgroup_table(run: Run, dim: str) -> Table:
     rows.append(["χ² (df)", ""] + [NA if c[r]["chi2"] is None else f"{c[r]['chi2']:.3f} ({c[r]['df']})"
                                    for r in RATES] + [""])
     rows.append(["p", ""] + [_p(c[r]["p"]) for r in RATES] + [""])
-    caption = "Pearson chi-square without continuity correction across the subgroups."
+    rows.append(["p (patients)", ""] + [_p(c[r]["cluster"]["p"]) if "cluster" in c[r] else NA
+                                        for r in RATES] + [""])
+    permuted = c[RATES[0]].get("cluster", {}).get("method") == "rao_scott_permutation"
+    caption = ("χ² and p: Pearson chi-square without continuity correction across the subgroups, as the "
+               "study reports it; it assumes independent lesions and rejects too often when lesions "
+               "cluster within patients. p (patients): Rao–Scott adjusted chi-square with patients as "
+               "clusters, its p " + ("by permuting the patients' subgroup labels" if permuted
+                                     else "from the chi-square distribution (no permutations)")
+               + "; quote this one.")
     if dim == "tumor_type" and OTHER in sub:
         caption += (f" '{OTHER}' is shown but not part of the chi-square "
                     f"({', '.join(STUDY_TUMOR_TYPES)}).")
