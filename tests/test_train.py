@@ -161,3 +161,70 @@ def test_two_trainers_on_one_fold_the_second_is_refused(loader_store, tmp_path):
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 1 and "fold 0 of" in second.stderr and "is in use by pid" in second.stderr
     assert not (run_dir / "fold0" / ".lock").exists()
+
+
+@pytest.fixture(scope="module")
+def resplit(loader_store, tmp_path_factory):
+    """Fold 0 trained (1 epoch) on a copy of the session's store, then the copy re-split with another
+    seed: (store, run_dir with the finished fold, old fingerprint, new fingerprint)."""
+    import shutil
+
+    from wbs_dist.data.folds import split_fingerprint
+    from wbs_dist.data.store import Store
+
+    base = tmp_path_factory.mktemp("resplit")
+    store = base / "store.zarr"
+    shutil.copytree(loader_store, store)          # never re-split the shared store
+    run_dir = base / "runs"
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(store, run_dir, epochs=1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    old = split_fingerprint(Store.open(store))
+    res = run_cli("folds", store, "--k", 3, "--seed", 1, "--force")
+    assert res.returncode == 0, res.stderr
+    new = split_fingerprint(Store.open(store))
+    assert new != old
+    return store, run_dir, old, new
+
+
+def test_every_fold_file_records_its_split(resplit):
+    import json
+
+    import yaml
+
+    _, run_dir, old, _ = resplit
+    d = run_dir / "fold0"
+    assert yaml.safe_load((d / "config.yaml").read_text())["split"] == old
+    assert json.loads((d / "done.json").read_text())["split"] == old
+    assert torch.load(d / "last.pt", weights_only=True)["extra"]["split"] == old
+    assert (d / "predictions.csv").read_text().splitlines()[0].split(",")[-1] == "lesion_count"  # columns unchanged
+
+
+def test_resume_on_a_re_split_store_is_refused(resplit, tmp_path):
+    import shutil
+
+    store, finished, old, new = resplit
+    run_dir = tmp_path / "runs"
+    shutil.copytree(finished, run_dir)
+    (run_dir / "fold0" / "done.json").unlink()           # killed before done.json: last.pt remains
+    # The user follows the store's new split in the config; the half-trained fold must not resume.
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(store, run_dir, epochs=1, fold_seed=1))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "split changed" in res.stderr and old in res.stderr and new in res.stderr, res.stderr[-3000:]
+    assert "new run_dir" in res.stderr
+    assert not (run_dir / "fold0" / "done.json").exists()
+    # A finished fold of the old split is not "already finished" for the new one either.
+    shutil.copy(finished / "fold0" / "done.json", run_dir / "fold0" / "done.json")
+    res = run_cli("train", CONFIG, "--fold", 0, *overrides(store, run_dir, epochs=1, fold_seed=1))
+    assert res.returncode == 2 and "split changed" in res.stderr, res.stderr[-3000:]
+
+
+def test_cv_never_aggregates_a_fold_of_the_old_split(resplit, tmp_path):
+    import shutil
+
+    store, finished, old, new = resplit
+    run_dir = tmp_path / "runs"
+    shutil.copytree(finished, run_dir)
+    res = run_cli("cv", CONFIG, *overrides(store, run_dir, epochs=1, fold_seed=1))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "split changed" in res.stderr and old in res.stderr and new in res.stderr
+    assert not (run_dir / "fold1").exists() and not (run_dir / "predictions.csv").exists()   # nothing launched

@@ -71,7 +71,8 @@ def _cmd_folds(args) -> int:
 
     store = Store.open(args.store)
     info = write_folds(store, args.k, args.seed, args.force)
-    print(f"{args.k} folds (seed {args.seed}, stratified on {info['stratified_on']}) written to {store.path}/folds")
+    print(f"{args.k} folds (seed {args.seed}, stratified on {info['stratified_on']}) written to {store.path}/folds; "
+          f"split {info['fingerprint']} (runs record it, and refuse another)")
     print(f"{'fold':>4} {'patients':>9} {'% malig.':>10} {'lesions':>8} {'% malig.':>10}  tumour types")
     for c in info["counts"]:
         tt = ", ".join(f"{t} {n}" for t, n in c["tumor_types"].items() if n)

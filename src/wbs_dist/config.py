@@ -73,6 +73,10 @@ def at_least(low, strict: bool = False) -> Callable[[Any], str | None]:
     return lambda v: None if v >= low else f"must be >= {low}"
 
 
+def split_check(v: str) -> str | None:
+    return None if v == "" or re.fullmatch(r"[0-9a-f]{16}", v) else "must be empty or 16 hex digits (set by training)"
+
+
 def one_of(*allowed) -> Callable[[Any], str | None]:
     return lambda v: None if v in allowed else f"must be one of {', '.join(map(str, allowed))}"
 
@@ -138,6 +142,8 @@ class Config:
     # --- folds ----------------------------------------------------------------------------------
     folds: int = key(5, "k of the patient-grouped cross-validation", at_least(2))
     fold_seed: int = key(0, "seed of the split; results depend on it", at_least(0))
+    split: str = key("", "fingerprint of the store's split the run trains on: set by training (leave empty); "
+                     "a run made on another split is refused", split_check)
     # --- model ----------------------------------------------------------------------------------
     model: str = key("resnet50", "resnet50 | inception_v3 | vgg16 | densenet169 (| resnet18: small, for tests)",
                      one_of(*MODELS))

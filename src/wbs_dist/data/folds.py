@@ -6,11 +6,16 @@ malignant lesion) and, where every joint stratum has at least k patients, on tum
 with scikit-learn's StratifiedGroupKFold. The split is a function of the patients and the seed only.
 
 Store layout: `folds/patient` (uint64 pseudonyms, sorted) and `folds/fold` (int8), attrs k, seed,
-stratified_on, counts per fold.
+stratified_on, counts per fold, fingerprint.
+
+A run is pinned to its split by the split's fingerprint (`split_fingerprint`): every fold records it,
+and a fold made on another split is refused rather than resumed or aggregated, since `folds --force`
+after new patients were ingested reshuffles patients between folds even with the same k and seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -64,13 +69,56 @@ def _write_folds(store: Store, k: int, seed: int, force: bool) -> dict:
         raise StoreError(f"store {store.path} has no annotated lesions to split")
     patients, fold, on = assign_folds(table["patient"], table["label"], table["tumor_type"], k, seed)
     counts = fold_summary(table, patients, fold, k)
+    fingerprint = fingerprint_of(patients, fold, k, seed)
     g = store.staged_group("folds")
     g.attrs.update({"k": k, "seed": seed, "stratified_on": on, "method": "sklearn StratifiedGroupKFold, groups = patients",
-                    "counts": counts})
+                    "counts": counts, "fingerprint": fingerprint})
     g.create_array("patient", data=patients.astype(np.uint64), chunks=(max(len(patients), 1),))
     g.create_array("fold", data=fold, chunks=(max(len(fold), 1),))
     store.swap_in("folds")
-    return {"k": k, "seed": seed, "stratified_on": on, "counts": counts}
+    return {"k": k, "seed": seed, "stratified_on": on, "counts": counts, "fingerprint": fingerprint}
+
+
+def fingerprint_of(patients: np.ndarray, fold: np.ndarray, k: int, seed: int) -> str:
+    """16 hex digits of SHA-256 over k, seed and every (patient, fold) in patient order: the same on
+    any machine and whatever order the arrays come in (fixed byte order and widths)."""
+    patients, fold = np.asarray(patients), np.asarray(fold)
+    order = np.argsort(patients, kind="stable")
+    digest = hashlib.sha256(f"wbs-dist split v1\nk={int(k)}\nseed={int(seed)}\n".encode())
+    digest.update(patients[order].astype("<u8").tobytes())
+    digest.update(fold[order].astype("i1").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def split_fingerprint(store: Store) -> str:
+    """The fingerprint of the store's split, computed from its arrays (so stores written before it was
+    recorded in the attrs have one too, and a hand-edited attr cannot lie)."""
+    patients, fold, attrs = read_folds(store)
+    return fingerprint_of(patients, fold, attrs["k"], attrs["seed"])
+
+
+def check_split(what: str, was: str, store: Store, now: str, was_k_seed: tuple | None = None) -> None:
+    """Refuse `what`, recorded on split `was` ('' = not recorded: nothing to check), unless it is `now`."""
+    if was and was != now:
+        raise split_changed(what, was, store, now, was_k_seed)
+
+
+class SplitChanged(UsageError):
+    """A run (or a fold of it) was made on another split than the store's (exit 2)."""
+
+
+def split_changed(what: str, was: str, store: Store, now: str, was_k_seed: tuple[int, int] | None = None
+                  ) -> SplitChanged:
+    """The refusal: which split it was, which it is now, and the two ways out."""
+    attrs = read_folds(store)[2]
+    back = (f"`wbs-dist folds {store.path} --k {was_k_seed[0]} --seed {was_k_seed[1]} --force` gives it back "
+            "only if the store holds the same patients" if was_k_seed and None not in was_k_seed else
+            "re-splitting gives it back only with the same patients, k and seed")
+    return SplitChanged(
+        f"the split changed: {what} was made on split {was}, the store {store.path} now holds split {now} "
+        f"(k {attrs['k']}, seed {attrs['seed']}). Its validation fold would hold patients it trained on, so it is "
+        f"neither resumed nor aggregated: train the new split in a new run_dir, or use the old split again "
+        f"({back})")
 
 
 def fold_summary(table: dict, patients: np.ndarray, fold: np.ndarray, k: int) -> list[dict]:

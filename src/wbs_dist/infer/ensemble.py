@@ -48,6 +48,13 @@ def finished_folds(run_dir: Path, fold: int | None = None) -> tuple[list[FoldDir
     if unfinished:
         log.warning("scoring without unfinished fold(s) %s", ", ".join(f.path.name for f in unfinished))
     config = finished[0].read_config()
+    # One ensemble, one split: folds of two splits are two runs (a re-split store under one run_dir).
+    splits = {f.path.name: f.split() for f in finished}
+    if len(set(splits.values()) - {""}) > 1:
+        listed = ", ".join(f"{name} on {split or 'an unrecorded split'}" for name, split in splits.items())
+        raise UsageError(f"the split changed within {run_dir}: its finished folds were trained on different splits "
+                         f"({listed}), so they are no one "
+                         "run: score with the folds of one split (--fold K), or retrain the others in a new run_dir")
     for f in finished[1:]:
         other = f.read_config()
         if shape(other) != shape(config):

@@ -3,7 +3,9 @@
 The folds run through a launcher (launch/local.py in this process, launch/slurm.py as SLURM jobs);
 this module only prepares the split, hands the folds over and aggregates what they wrote:
 RUN_DIR/predictions.csv (every fold's validation predictions) and RUN_DIR/report/. Rerunning skips
-finished folds, so a driver that died can simply be started again.
+finished folds, so a driver that died can simply be started again. Every fold already in the run
+directory must have been made on the store's split (its fingerprint, data.folds): checked before any
+fold is launched and again before aggregating, so one report never mixes two splits.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wbs_dist.atomic import write_csv
-from wbs_dist.config import Config
-from wbs_dist.data.folds import ensure_folds
+from wbs_dist.config import Config, read_mapping
+from wbs_dist.data.folds import check_split, ensure_folds, split_fingerprint
 from wbs_dist.data.store import Store
 from wbs_dist.errors import WbsError
 from wbs_dist.schema import PREDICTION_COLUMNS
@@ -47,13 +49,33 @@ def collect_predictions(cfg: Config) -> Path:
     return out
 
 
+def check_run_split(cfg: Config, store: Store) -> str:
+    """Refuse (SplitChanged, exit 2) a run directory holding a finished fold, or a checkpoint, made on
+    another split than the store's; the store's fingerprint."""
+    now = split_fingerprint(store)
+    check_split("the config (key 'split')", cfg.split, store, now, (cfg.folds, cfg.fold_seed))
+    for k in range(cfg.folds):
+        fold = FoldDir.of(cfg, k)
+        saved = read_mapping(fold.config) if fold.config.exists() else {}
+        if fold.is_finished():
+            was, what = fold.split(), f"finished fold {k} ({fold.done})"
+        elif fold.last.exists():       # config.yaml is rewritten only once a checkpoint has resumed
+            was, what = str(saved.get("split") or ""), f"fold {k}'s checkpoint ({fold.last})"
+        else:
+            continue
+        check_split(what, was, store, now, (saved.get("folds"), saved.get("fold_seed")))
+    return now
+
+
 def cross_validate(cfg: Config, launcher: str = "local") -> CvResult:
     from wbs_dist.evaluate.report import write_report
 
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     # The split is made once, here, before any fold starts: folds running at once must not race for it.
-    ensure_folds(Store.open(cfg.store), cfg.folds, cfg.fold_seed)
+    store = Store.open(cfg.store)
+    ensure_folds(store, cfg.folds, cfg.fold_seed)
+    check_run_split(cfg, store)                  # before anything is launched
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     if launcher == "local":
         from wbs_dist.launch.local import run_folds_local
@@ -63,6 +85,7 @@ def cross_validate(cfg: Config, launcher: str = "local") -> CvResult:
         from wbs_dist.launch.slurm import run_folds_slurm
 
         run_folds_slurm(cfg)
+    check_run_split(cfg, store)                  # a fold may have been trained elsewhere meanwhile
     predictions = collect_predictions(cfg)
     report_dir = Path(cfg.run_dir) / "report"
     runs = write_report([predictions], out=report_dir, threshold=0.5)

@@ -221,9 +221,31 @@ def _sweep_record(spec: TuneSpec, base: Config) -> dict:
     return {**dataclasses.asdict(spec), **{TRAIN_PREFIX + k: v for k, v in base.to_dict().items()}}
 
 
+def pin_split(base: Config) -> Config:
+    """The base config pinned to the store's split (made here when missing, before any trial: trials
+    would otherwise race to write it). Every trial's folds, sweep.yaml and best.yaml carry it, and a
+    trial's fold refuses a store re-split meanwhile: a sweep never compares trials of two splits."""
+    from wbs_dist.data.folds import check_split, ensure_folds, split_fingerprint
+    from wbs_dist.data.store import Store
+
+    store = Store.open(base.store)
+    ensure_folds(store, base.folds, base.fold_seed)
+    now = split_fingerprint(store)
+    check_split("the config (key 'split')", base.split, store, now, (base.folds, base.fold_seed))
+    return dataclasses.replace(base, split=now)
+
+
 def _check_restorable(exp: Path, spec: TuneSpec, base: Config) -> None:
+    from wbs_dist.data.folds import check_split
+    from wbs_dist.data.store import Store
+
     saved = yaml.safe_load((exp / "sweep.yaml").read_text())
     now = _sweep_record(spec, base)
+    split = TRAIN_PREFIX + "split"
+    # A sweep from before splits were recorded: its trials' folds still check their checkpoints.
+    saved.setdefault(split, now[split])
+    check_split(f"the sweep in {exp}", saved[split], Store.open(base.store), now[split],
+                (saved.get(TRAIN_PREFIX + "folds"), saved.get(TRAIN_PREFIX + "fold_seed")))
     restorable = restorable_keys()
     diff = sorted(k for k in set(saved) | set(now) if k not in restorable and saved.get(k) != now.get(k))
     if diff:
@@ -250,15 +272,11 @@ def run_sweep(spec: TuneSpec, base: Config, param_space: dict | None = None, ear
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from wbs_dist.data.folds import ensure_folds
-    from wbs_dist.data.store import Store
-
     exp = spec.experiment_dir
+    base = pin_split(base)
     restore = tune.Tuner.can_restore(exp)
     if restore:
         _check_restorable(exp, spec, base)
-    # Before any trial: trials would otherwise race to write a missing split.
-    ensure_folds(Store.open(base.store), base.folds, base.fold_seed)
     # Frequent experiment-state snapshots are intended here (see num_to_keep below): no warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(tune.with_parameters(_trial, spec=spec, base=base),
@@ -370,6 +388,7 @@ class TuneResult:
 def tune(spec: TuneSpec, base: Config) -> TuneResult:
     """Run (or restore and finish) the sweep and write its results; raises WbsError when no trial
     ran to the end."""
+    base = pin_split(base)          # best.yaml names the split its lr and batch size were chosen on
     rows = run_sweep(spec, base)
     best = write_results(rows, spec, base)
     result = TuneResult(spec.experiment_dir, rows, best)

@@ -4,7 +4,7 @@
     metrics.csv        one row per epoch            events.*         TensorBoard scalars
     last.pt (+.prev)   newest checkpoint            best.pt          weights of the best validation AUC
     predictions.csv    validation predictions of the final epoch (DESIGN 3.3)
-    done.json          written last: the fold is finished (a rerun does nothing)
+    done.json          written last: the fold is finished (a rerun does nothing); names its split
     .lock              while a trainer works on the fold (wbs_dist.lock): one trainer at a time
 
 The trainer writes them through this module, the launchers (cv, SLURM, tune) and the scorer read
@@ -124,6 +124,13 @@ class FoldDir:
         info = json.loads(self.done.read_text())
         return FoldResult(self.fold, self.path, info["epochs"], info["val_auc"], info["val_loss"], self.predictions)
 
+    def split(self) -> str:
+        """The fingerprint of the split a finished fold was trained on ('' when unfinished, or finished
+        before folds recorded it)."""
+        if not self.done.exists():
+            return ""
+        return json.loads(self.done.read_text()).get("split") or ""
+
     def read_config(self) -> Config:
         return config_from_dict(read_mapping(self.config), f"in {self.config}")
 
@@ -138,10 +145,12 @@ class FoldDir:
         write_csv(self.predictions, PREDICTION_COLUMNS, rows)
         return self.predictions
 
-    def write_done(self, epochs: int, val_auc: float | None, val_loss: float, lesions: int) -> FoldResult:
-        """The last write of a fold: from here on it counts as finished."""
+    def write_done(self, epochs: int, val_auc: float | None, val_loss: float, lesions: int,
+                   split: str = "") -> FoldResult:
+        """The last write of a fold: from here on it counts as finished. `split`: the fingerprint of
+        the split it trained on (launch.cv never aggregates two)."""
         write_json(self.done, {"fold": self.fold, "epochs": epochs, "val_auc": val_auc, "val_loss": val_loss,
-                               "lesions": lesions})
+                               "lesions": lesions, "split": split})
         return FoldResult(self.fold, self.path, epochs, val_auc, val_loss, self.predictions)
 
     def log_handler(self, owner_filter: logging.Filter) -> logging.Handler:

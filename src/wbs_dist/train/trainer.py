@@ -18,6 +18,7 @@ saves, and the process exits with PREEMPTED_EXIT_CODE (75) so the launcher reque
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from wbs_dist.config import Config, resume_differences
-from wbs_dist.data.folds import check_folds, has_folds, write_folds
+from wbs_dist.data.folds import check_folds, check_split, has_folds, split_fingerprint, write_folds
 from wbs_dist.data.store import Store, int_to_key
 from wbs_dist.errors import ConfigError, UsageError
 from wbs_dist.lock import Locked
@@ -51,13 +52,17 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
-def prepare_folds(store: Store, cfg: Config, env: ddp.DistEnv) -> None:
+def prepare_folds(store: Store, cfg: Config, env: ddp.DistEnv) -> Config:
     """Training creates the split when the store has none (rank 0, the others wait); an existing split
-    must match the config."""
+    must match the config. Returns the config pinned to that split (key 'split': the fingerprint that
+    config.yaml, last.pt and done.json record)."""
     if not has_folds(store) and env.is_main:
         write_folds(store, cfg.folds, cfg.fold_seed)
     ddp.barrier()
     check_folds(store, cfg.folds, cfg.fold_seed)
+    split = split_fingerprint(store)
+    check_split("the config (key 'split')", cfg.split, store, split, (cfg.folds, cfg.fold_seed))
+    return dataclasses.replace(cfg, split=split)
 
 
 def _lr_factor(cfg: Config, epoch_progress: float) -> float:
@@ -102,7 +107,7 @@ class FoldTrainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         store = Store.open(cfg.store)
-        prepare_folds(store, cfg, env)
+        self.cfg = cfg = prepare_folds(store, cfg, env)
         if not 0 <= self.fold < cfg.folds:
             raise ConfigError(f"--fold {self.fold} out of range: config key 'folds' is {cfg.folds} (0..{cfg.folds - 1})")
         others = [f for f in range(cfg.folds) if f != self.fold]
@@ -135,7 +140,7 @@ class FoldTrainer:
         if state is None and self.require_resume:
             raise UsageError(f"--resume: no checkpoint in {self.dir}")
         if state is not None:
-            self._check_resumable(state["config"])
+            self._check_resumable(state, store)
             info = apply_state(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             pos = info["loader_position"]
             self.epoch, self.step_in_epoch = int(pos["epoch"]), int(pos["step"])
@@ -167,7 +172,15 @@ class FoldTrainer:
             self.val_index, global_batch=cfg.batch_size, train=False, seed=cfg.seed, world=env.world_size,
             rank=env.rank, device_id=device_id, workers=cfg.num_workers)
 
-    def _check_resumable(self, saved: dict) -> None:
+    def _check_resumable(self, state: dict, store: Store) -> None:
+        saved = dict(state["config"])
+        was = (state.get("extra") or {}).get("split") or saved.get("split") or ""
+        if not was:
+            log.warning("%s predates recorded splits: resumed unchecked (after a re-split its validation fold "
+                        "may hold patients it trained on)", self.files.last)
+        # Before the other keys: fold_seed may differ too, but the split is what makes the run unusable.
+        check_split(str(self.files.last), was, store, self.cfg.split, (saved.get("folds"), saved.get("fold_seed")))
+        saved["split"] = self.cfg.split
         diff = resume_differences(saved, self.cfg)
         if diff:
             raise ConfigError(f"{self.dir} holds a run with another config ({', '.join(diff)}); these keys affect "
@@ -248,7 +261,7 @@ class FoldTrainer:
         state = make_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                            epoch=self.epoch, step=self.global_step, config=self.cfg.to_dict(),
                            loader_position={"epoch": self.epoch, "step": self.step_in_epoch})
-        state["extra"] = {"history": self.history, "best_auc": self.best_auc, "rng_ranks": ranks}
+        state["extra"] = {"history": self.history, "best_auc": self.best_auc, "rng_ranks": ranks, "split": self.cfg.split}
         save_checkpoint(self.files.path / name, state)
 
     def _write_predictions(self, val: dict) -> Path:
@@ -343,7 +356,7 @@ class FoldTrainer:
         val = self.last_val or self._validate()    # None when resumed after the last epoch's checkpoint
         if self.env.is_main:
             predictions = self._write_predictions(val)
-            self.files.write_done(self.epoch, val["val_auc"], val["val_loss"], len(self.val_index))
+            self.files.write_done(self.epoch, val["val_auc"], val["val_loss"], len(self.val_index), self.cfg.split)
             log.info("fold %d finished: val AUC %s (final epoch), predictions %s", self.fold,
                      val["val_auc"], predictions)
         ddp.barrier()
@@ -369,6 +382,9 @@ class FoldTrainer:
     def run(self) -> FoldResult:
         done = self.finished()
         if done is not None:
+            store = Store.open(self.cfg.store)     # a finished fold of another split is no result of this one
+            if has_folds(store):
+                check_split(str(self.files.done), self.files.split(), store, split_fingerprint(store))
             log.info("fold %d already finished (%s)", self.fold, self.files.done)
             return done
         try:
