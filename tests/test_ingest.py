@@ -148,6 +148,21 @@ def test_rerun_is_idempotent(synth_archive, ingested, tmp_path):
     assert store_snapshot(copy) == before
 
 
+def test_a_store_refuses_another_secret(synth_archive, ingested, tmp_path):
+    """The same patient under two secrets would be two pseudonyms, who could land in two folds: a store
+    takes studies under the secret it was made with only, and loses nothing when refusing."""
+    store, _ = ingested
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    before = store_snapshot(copy)
+    other = tmp_path / "other-secret"
+    other.write_text("e" * 64)
+    other.chmod(0o600)
+    res = run_cli("ingest", synth_archive, "--store", copy, "--secret-file", other)
+    assert res.returncode == 2 and "another secret" in res.stderr and str(copy) in res.stderr, res.stderr
+    assert store_snapshot(copy) == before
+
+
 @pytest.mark.slow
 def test_zip_and_tar_give_the_same_store(synth_archive, ingested, tmp_path):
     store, _ = ingested

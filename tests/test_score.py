@@ -363,3 +363,75 @@ def test_a_second_scorer_of_the_same_output_is_refused(full, synth_archive, run_
     with Lock(parts_dir(out) / ".all.lock", "the merge"):
         assert not score_archive(synth_archive, run_dir, out, shard="1/3", workers=0).errors
     assert not score_archive(synth_archive, run_dir, out, workers=0).errors
+
+
+# -- the out-of-fold rule: patients the run trained on --------------------------------------------------------
+def test_known_patients_are_scored_by_their_validation_fold_reproducing_its_predictions(loader_store, run_dir,
+                                                                                      tmp_path):
+    """Scoring the run's own training archive: each known patient's lesions are scored by the fold that
+    held the patient out (fold0's scores equal its cross-validation predictions), a patient of a fold
+    without a finished model is listed, not scored by the models that trained on it."""
+    from wbs_dist.data.deid import keyed_hash, load_secret
+    from wbs_dist.data.folds import read_folds
+    from wbs_dist.data.store import Store, key_to_int
+
+    secret = load_secret()
+    patients, folds, _ = read_folds(Store.open(loader_store))
+    fold_of = dict(zip(patients.tolist(), folds.tolist()))
+    out = tmp_path / "pred.csv"
+    r = score_archive(loader_store.parent / "archive", run_dir, out, workers=2, batch=16)
+    pred = rows_of(out)
+    expect = {row["study_uid"]: fold_of.get(key_to_int(keyed_hash(secret, "patient", row["patient_id"])), "")
+              for row in pred}
+    assert {row["study_uid"]: row["fold"] for row in pred} == {u: str(f) for u, f in expect.items()}
+    assert {"0", "1"} <= {row["fold"] for row in pred}
+    assert "2" not in {row["fold"] for row in pred}
+    st = Store.open(loader_store)
+    known = [key for key in st.study_keys() if key_to_int(st.study(key).attrs["patient"]) in fold_of]
+    assert r.known == len(known) > 0
+    # fold 2 is not finished: its patients are listed, every other model having trained on them.
+    assert r.errors and all("validation fold 2" in reason for _, reason in r.errors)
+    # Fold 0's rows are its cross-validation predictions, study by study and lesion by lesion.
+    cv = {(row["study_uid"], row["lesion_id"]): float(row["score"])
+          for row in rows_of(run_dir / "fold0" / "predictions.csv")}
+    got = {(keyed_hash(secret, "study", row["study_uid"]), row["lesion_id"]): float(row["score"])
+           for row in pred if row["fold"] == "0"}
+    assert got.keys() == cv.keys()
+    np.testing.assert_allclose([got[k] for k in cv], list(cv.values()), atol=2e-6)
+    summary = rows_of(out.with_name("pred.summary.csv"))
+    assert {s["study_uid"]: s["fold"] for s in summary} == {row["study_uid"]: row["fold"] for row in pred}
+
+
+def test_without_the_secret_known_patients_cannot_be_recognised_and_it_says_so(loader_store, run_dir, tmp_path):
+    archive = loader_store.parent / "archive"
+    missing = tmp_path / "no-secret"
+    r = subprocess.run(WBS + ["score", str(archive), "--run", str(run_dir), "--out", str(tmp_path / "a.csv"),
+                              "--workers", "0"], capture_output=True, text=True,
+                       env=dict(os.environ, WBS_DIST_SECRET_FILE=str(missing)))
+    assert r.returncode == 0, r.stderr
+    assert "WARNING" in r.stderr and "cannot be recognised" in r.stderr and str(missing) in r.stderr
+    assert not missing.exists(), "scoring must never create a secret"
+    assert {row["fold"] for row in rows_of(tmp_path / "a.csv")} == {""}
+    # Another site's secret: not the one the store was made with, said as loudly.
+    other = tmp_path / "other-secret"
+    other.write_text("f" * 64)
+    other.chmod(0o600)
+    r = subprocess.run(WBS + ["score", str(archive), "--run", str(run_dir), "--out", str(tmp_path / "b.csv"),
+                              "--workers", "0", "--secret-file", str(other)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "WARNING" in r.stderr and "is not the secret" in r.stderr
+
+
+def test_a_store_re_split_since_the_run_is_refused(loader_store, run_dir, tmp_path):
+    """The folds that route known patients must be the run's: another split would send a patient to a
+    model that trained on it."""
+    from wbs_dist.data.folds import write_folds
+    from wbs_dist.data.store import Store
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(loader_store, store)
+    write_folds(Store.open(store), k=3, seed=5, force=True)
+    r = subprocess.run(WBS + ["score", str(loader_store.parent / "archive"), "--run", str(run_dir), "--out",
+                              str(tmp_path / "p.csv"), "--store", str(store), "--workers", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "the split changed" in r.stderr, r.stderr

@@ -134,11 +134,20 @@ def _cmd_demo(args) -> int:
         return "n/a" if v is None else f"{100 * v:.1f} %"
 
     print(f"[demo] scores: {r.scores} (per study: {summary_path(r.scores)})")
-    print(f"[demo] 5/5 report: {r.report}")
+    cv, scored = r.patient_level["cv"], r.patient_level["scored"]
+
+    def show(m):
+        auc = "n/a" if m["auc"] is None else format(m["auc"], ".3f")
+        return ", ".join([f"n {m['n']}", f"AUC {auc}", *(f"{k} {pct(m[k])}" for k in ("sensitivity", "specificity",
+                                                                                          "accuracy"))])
+    print(f"[demo] patient level, cross-validation:               {show(cv)}")
+    print(f"[demo] patient level, training archive out-of-fold:   {show(scored)} "
+          f"({'equal' if r.patient_level['equal'] else 'DIFFERENT: out-of-fold scoring does not reproduce the cv'})")
+    print(f"[demo] 6/6 report: {r.report}")
     print(f"[demo] lesion level, mean of {r.folds} folds: accuracy {pct(mean['accuracy'])}, sensitivity "
           f"{pct(mean['sensitivity'])}, specificity {pct(mean['specificity'])}, AUC "
           f"{'n/a' if mean['auc'] is None else format(mean['auc'], '.3f')}; pooled n = {pooled['n']}")
-    return EXIT_OK
+    return EXIT_OK if r.patient_level["equal"] else EXIT_FAILURE
 
 
 def _cmd_report(args) -> int:
@@ -163,7 +172,15 @@ def _cmd_score(args) -> int:
     r = score_archive(args.archive, run=args.run, out=args.out, fold=args.fold, shard=args.shard,
                       overlays=args.overlays, workers=args.workers, batch=args.batch,
                       annotations=args.annotations, part_size=args.part_size,
-                      max_object_mb=args.max_object_mb, max_views=args.max_views)
+                      max_object_mb=args.max_object_mb, max_views=args.max_views, store=args.store,
+                      secret_file=args.secret_file)
+    if r.unrecognised:
+        print(f"WARNING: patients the run trained on cannot be recognised ({r.unrecognised}). Any of them in this "
+              "archive were scored by models that trained on them: their scores are in-sample, not an estimate "
+              "of performance.", file=sys.stderr)
+    elif r.known:
+        print(f"{r.known} studies are of patients the run trained on: each scored by the fold that held its patient "
+              "out (fold column), as in cross-validation; the rest by the ensemble")
     if r.shard is not None:
         print(f"shard {r.shard[0]}/{r.shard[1]}: {r.scored} studies scored ({r.already} already done), "
               f"{r.lesions} lesions, {r.seconds:.1f} s; run without --shard to write {r.out}")

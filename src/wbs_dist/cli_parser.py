@@ -160,13 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "PRED.summary.csv (one row per study) and PRED.errors.csv. The output carries the "
                        "original Study Instance UIDs and Patient IDs: it is identifying, for the site. "
                        "Resumable (rerun to finish); with --shard I/N it scores one shard into PRED.csv.parts/ "
-                       "and the same command without --shard merges the shards (see slurm/score.sh).")
+                       "and the same command without --shard merges the shards (see slurm/score.sh). Out-of-fold "
+                       "rule: a study whose patient is in the run's store (recognised under the site secret) is "
+                       "scored by the model of the patient's validation fold alone, named in the fold column; "
+                       "scoring the training archive reproduces the cross-validation's predictions.")
     s.add_argument("archive", type=Path, help="folder, .zip, .tar, .tar.gz or .tgz of DICOM studies")
     s.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
                    help="run directory holding fold<K>/ (done.json, last.pt, config.yaml)")
     s.add_argument("--out", type=Path, required=True, metavar="PRED.csv", help="predictions CSV to write")
     s.add_argument("--fold", type=int, default=None, metavar="K",
-                   help="score with fold K only (default: every finished fold)")
+                   help="score with fold K only (default: every finished fold); known patients of other "
+                   "folds are then listed as not scored")
+    s.add_argument("--store", type=Path, default=None,
+                   help="the run's store, to recognise patients it trained on (default: the run's config key "
+                   "'store')")
+    s.add_argument("--secret-file", type=Path, default=None,
+                   help="the secret the store was ingested under (default: $WBS_DIST_SECRET_FILE or "
+                   "~/.config/wbs_dist/secret; never created here)")
     s.add_argument("--shard", default=None, metavar="I/N",
                    help="score only the studies whose uid hashes to I mod N (0 <= I < N); parts only, no CSV")
     s.add_argument("--overlays", type=Path, default=None, metavar="DIR",

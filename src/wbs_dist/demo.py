@@ -2,7 +2,9 @@
 
 synth → ingest → cv (five folds in this process, configs/local.yaml) → report → score (a second,
 held-out synthetic archive scored by the five fold models, lesions found by the hot-spot finder
-where a study has no annotations). Each step is skipped when its output is already there, so
+where a study has no annotations) → score the training archive itself: the out-of-fold rule
+(infer/known.py) scores each patient with the fold that held it out, so its patient-level numbers
+must equal the cross-validation's (DemoResult.out_of_fold holds both). Each step is skipped when its output is already there, so
 rerunning the demo is cheap and an interrupted one continues. Progress goes to stdout as it runs;
 `wbs-dist demo` prints the result.
 """
@@ -25,6 +27,8 @@ class DemoResult:
     report: Path                    # the HTML report
     metrics: dict                   # its metrics.json
     scores: Path                    # the held-out archive's predictions
+    out_of_fold: Path               # the training archive's predictions, scored out-of-fold
+    patient_level: dict             # {"cv": ..., "scored": ..., "equal": bool}: patient-level numbers of both
 
 
 def run_demo(out: Path, patients: int = 60, seed: int = 0, workers: int = 2) -> DemoResult:
@@ -41,13 +45,13 @@ def run_demo(out: Path, patients: int = 60, seed: int = 0, workers: int = 2) -> 
     # The demo keeps its pseudonym secret beside its data: it holds no real patients.
     os.environ.setdefault("WBS_DIST_SECRET_FILE", str(out / "secret"))
     if not archive.exists():
-        print(f"[demo] 1/5 synthesising {patients} patients into {archive}", flush=True)
+        print(f"[demo] 1/6 synthesising {patients} patients into {archive}", flush=True)
         s = write_archive(archive, patients, seed, "dir")
         print(f"[demo]     {s['studies']} studies ({s['annotated_studies']} annotated), {s['lesions']} lesions, "
               f"{s['bytes'] / 1e6:.1f} MB of DICOM", flush=True)
     else:
-        print(f"[demo] 1/5 archive {archive} already there", flush=True)
-    print(f"[demo] 2/5 ingesting into {store}", flush=True)
+        print(f"[demo] 1/6 archive {archive} already there", flush=True)
+    print(f"[demo] 2/6 ingesting into {store}", flush=True)
     ingested = ingest(archive, store=store, workers=workers, train_size=cfg.train_size)
     c = ingested.counts
     print(f"[demo]     {c['studies']} studies ({ingested.written} new), {c['lesions']} lesions "
@@ -55,14 +59,40 @@ def run_demo(out: Path, patients: int = 60, seed: int = 0, workers: int = 2) -> 
     if ingested.errors:
         raise UsageError(f"ingest of the synthetic archive skipped {len(ingested.errors)} input(s); see "
                          f"{ingested.errors_path}")
-    print(f"[demo] 3/5 five-fold cross-validation ({CONFIG.name}: {cfg.model}, {cfg.train_size}, "
+    print(f"[demo] 3/6 five-fold cross-validation ({CONFIG.name}: {cfg.model}, {cfg.train_size}, "
           f"{cfg.epochs} epochs) in {runs}", flush=True)
     cv = cross_validate(cfg, launcher="local")
     held_out = out / "held_out_archive"
     if not held_out.exists():
         write_archive(held_out, 20, seed + 1, "dir")
     scores = out / "scores.csv"
-    print(f"[demo] 4/5 scoring a held-out archive ({held_out}) with the {cfg.folds} fold models", flush=True)
+    print(f"[demo] 4/6 scoring a held-out archive ({held_out}) with the {cfg.folds} fold models", flush=True)
     score_archive(held_out, run=runs, out=scores, workers=1)
     metrics = json.loads((cv.report_dir / "metrics.json").read_text())
-    return DemoResult(cfg.folds, cv.report_dir / "report.html", metrics, scores)
+    oof = out / "training_archive_scores.csv"
+    print(f"[demo] 5/6 scoring the training archive itself ({archive}): each known patient by the fold that "
+          "held it out", flush=True)
+    scored = score_archive(archive, run=runs, out=oof, workers=1)
+    if scored.unrecognised or scored.errors:
+        raise UsageError(f"scoring the training archive did not recognise its patients ({scored.unrecognised or ''}"
+                         f"{len(scored.errors)} not scored, see {scored.errors_path})")
+    return DemoResult(cfg.folds, cv.report_dir / "report.html", metrics, scores, oof,
+                      patient_level(metrics, oof))
+
+
+PATIENT_KEYS = ("n", "auc", "sensitivity", "specificity", "accuracy")
+
+
+def patient_level(metrics: dict, scored: Path) -> dict:
+    """The patient-level figures of the cross-validation (its metrics.json) beside those of the scores
+    of the training archive, at the same threshold (unlabelled candidate rows are left out by both)."""
+    from wbs_dist.evaluate.analysis import analyse
+    from wbs_dist.evaluate.predictions import read_predictions
+
+    again = analyse("scored", read_predictions(scored), metrics["threshold"], bootstrap=0).metrics
+    out = {name: {k: m["patient"]["pooled"][k] for k in PATIENT_KEYS} for name, m in (("cv", metrics),
+                                                                                   ("scored", again))}
+    # Scores are written with six decimals by both paths; CPU convolutions may round the sixth apart.
+    out["equal"] = all(a == b or (a is not None and b is not None and abs(a - b) < 1e-6)
+                       for a, b in zip(out["cv"].values(), out["scored"].values()))
+    return out

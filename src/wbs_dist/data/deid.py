@@ -70,22 +70,38 @@ def default_secret_path() -> Path:
     return Path.home() / ".config" / "wbs_dist" / "secret"
 
 
+def load_secret(path: Path | None = None) -> bytes | None:
+    """The site secret, or None when its file does not exist (readers that must not create one:
+    a new secret would recognise nobody)."""
+    path = Path(path) if path is not None else default_secret_path()
+    if not path.exists():
+        return None
+    mode = path.stat().st_mode & 0o077
+    if mode:
+        raise UsageError(f"secret file {path} is readable by others (mode {oct(path.stat().st_mode & 0o777)}); "
+                         f"run: chmod 600 {path}")
+    data = path.read_bytes().strip()
+    if len(data) < 32:
+        raise UsageError(f"secret file {path} is too short to be a secret (need >= 32 bytes)")
+    return data
+
+
 def load_or_create_secret(path: Path | None = None) -> bytes:
     path = Path(path) if path is not None else default_secret_path()
-    if path.exists():
-        mode = path.stat().st_mode & 0o077
-        if mode:
-            raise UsageError(f"secret file {path} is readable by others (mode {oct(path.stat().st_mode & 0o777)}); "
-                             f"run: chmod 600 {path}")
-        data = path.read_bytes().strip()
-        if len(data) < 32:
-            raise UsageError(f"secret file {path} is too short to be a secret (need >= 32 bytes)")
-        return data
+    secret = load_secret(path)
+    if secret is not None:
+        return secret
     path.parent.mkdir(parents=True, exist_ok=True)
     # Two processes creating the secret at once must not end with different secrets: the first wins,
     # and both read back the winner's.
     create_once(path, secrets.token_hex(32).encode() + b"\n", mode=PRIVATE)
     return load_or_create_secret(path)
+
+
+def secret_check(secret: bytes) -> str:
+    """What a store records of the secret its keys were made under: a keyed hash of a constant, which
+    tells whether a secret is that one without revealing it."""
+    return keyed_hash(secret, "secret-check", "wbs-dist")
 
 
 def keyed_hash(secret: bytes, kind: str, value: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wbs_dist.atomic import PRIVATE, write_csv
-from wbs_dist.data.deid import keyed_hash, load_or_create_secret
+from wbs_dist.data.deid import keyed_hash, load_or_create_secret, secret_check
 from wbs_dist.data.store import Store, store_lock
 from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Budgets, StudyJob, StudySource,
                                    group_studies, in_archive_order, patient_id_of)
@@ -64,6 +64,7 @@ def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_f
     # table at once left torn studies behind (5 of 9 staggered pairs, issue 13).
     with store_lock(store, f"wbs-dist ingest {archive}"), StudySource.open(archive, annotations, budgets) as source:
         st = Store.create_or_open(store, train_size)
+        st.claim_secret(secret_check(secret))
         st.clear_staging()                     # leftovers of an interrupted run are never trusted
         errors = list(source.errors)
         # One decoding process gains nothing over this one: workers <= 1 decode in-process.

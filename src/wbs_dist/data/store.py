@@ -152,6 +152,17 @@ class Store:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
+    def claim_secret(self, check: str) -> None:
+        """Record which site secret the store's keys are made under (deid.secret_check), or refuse
+        another: the same patient under two secrets is two patients, who could land in two folds."""
+        have = self.root.attrs.get("secret_check")
+        if have is None:
+            self.root.attrs["secret_check"] = check
+        elif have != check:
+            raise StoreError(f"store {self.path} was ingested under another secret file: its pseudonyms would not "
+                             "match these, and one patient would become two. Use the secret it was made with "
+                             "(--secret-file or $WBS_DIST_SECRET_FILE), or a new store")
+
     def clear_staging(self) -> None:
         """Remove every run's leftovers; only under the store's exclusive lock (no other writer)."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)

@@ -16,6 +16,7 @@ import torch
 
 from wbs_dist.config import Config
 from wbs_dist.errors import UsageError
+from wbs_dist.infer.known import ENSEMBLE
 from wbs_dist.preprocess import input_channels
 from wbs_dist.train.checkpoint import load_checkpoint
 from wbs_dist.train.models import build_model, split_logits
@@ -98,13 +99,25 @@ class Ensemble:
         return {"folds": self.folds, "weights_sha256": self.digest, "model": self.config.model,
                 "image_size": list(self.size), "other_lesions_channel": self.config.other_lesions_channel}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:
+        """Probability of malignancy of each input: the mean over every fold's model, or, where
+        `folds` names a fold (known.py's out-of-fold rule), that fold's model alone."""
+        want = np.full(len(x), ENSEMBLE) if folds is None else np.asarray(folds)
+        missing = set(want[want != ENSEMBLE].tolist()) - set(self.folds)
+        if missing:
+            raise ValueError(f"fold(s) {sorted(missing)} are not in this ensemble ({self.folds})")
         batch = torch.from_numpy(x).to(self.device, non_blocking=True)
         if self.autocast:
             batch = batch.contiguous(memory_format=torch.channels_last)
         total = torch.zeros(len(x), dtype=torch.float64, device=self.device)
+        count = np.zeros(len(x))
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            for model in self.models:
-                main, _ = split_logits(model(batch))
-                total += torch.sigmoid(main.float().view(-1)).double()
-        return (total / len(self.models)).cpu().numpy()
+            for fold, model in zip(self.folds, self.models):
+                rows = np.flatnonzero((want == ENSEMBLE) | (want == fold))
+                if not len(rows):
+                    continue
+                index = torch.from_numpy(rows).to(self.device)
+                main, _ = split_logits(model(batch if len(rows) == len(x) else batch[index]))
+                total[index] += torch.sigmoid(main.float().view(-1)).double()
+                count[rows] += 1
+        return total.cpu().numpy() / count

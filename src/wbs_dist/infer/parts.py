@@ -26,8 +26,8 @@ from wbs_dist.schema import PREDICTION_COLUMNS
 
 log = logging.getLogger("wbs_dist.score")
 
-PART_FORMAT = 1
-SUMMARY_COLUMNS = ("study_uid", "patient_id", "source", "views", "lesions", "max_score", "max_lesion_id")
+PART_FORMAT = 2          # 2: records carry the out-of-fold rule's fold (infer/known.py)
+SUMMARY_COLUMNS = ("study_uid", "patient_id", "source", "views", "lesions", "max_score", "max_lesion_id", "fold")
 
 
 def shard_of(key: str, n: int) -> int:
@@ -113,12 +113,13 @@ def merge(records: list[dict], out: Path) -> tuple[int, int]:
     rows, summary = [], []
     for rec in records:
         lesions = sorted(rec["lesions"], key=lambda les: les[0])
+        fold = "" if rec["fold"] is None else rec["fold"]
         for lid, view, label, score in lesions:
-            rows.append([rec["patient_id"], rec["study_uid"], lid, view, "", label, f"{score:.6f}",
+            rows.append([rec["patient_id"], rec["study_uid"], lid, view, fold, label, f"{score:.6f}",
                          rec["tumor_type"], len(lesions)])
         top = max(lesions, key=lambda les: (les[3], -les[0]), default=None)
         summary.append([rec["study_uid"], rec["patient_id"], rec["source"], "|".join(rec["views"]), len(lesions),
-                        "" if top is None else f"{top[3]:.6f}", "" if top is None else top[0]])
+                        "" if top is None else f"{top[3]:.6f}", "" if top is None else top[0], fold])
     # formula_safe: the site opens these in a spreadsheet; the scores, written here as positive
     # numbers, are unchanged, so `wbs-dist report` reads the file as before.
     write_csv(out, PREDICTION_COLUMNS, rows, mode=PRIVATE, formula_safe=True)

@@ -11,14 +11,16 @@ lesion into the network input with the training code itself (`preprocess.normali
 `preprocess.make_input`), batches lesions across studies, and runs the models (ensemble.py) while
 the workers decode the next studies (a bounded number of studies in flight, so memory stays flat
 whatever the archive's size). A lesion's score is the mean of the folds' probabilities; `--fold K`
-scores with one fold.
+scores with one fold. Out-of-fold rule (known.py): a study whose patient is in the run's store is
+scored by the model of that patient's validation fold alone, never by models that trained on it.
 
 Outputs (an unsharded run):
-    PRED.csv            one row per lesion (DESIGN 3.3): `fold` empty, `label` 1/0 from the
+    PRED.csv            one row per lesion (DESIGN 3.3): `fold` the validation fold of a patient the
+                        run trained on, empty for a new patient (the ensemble); `label` 1/0 from the
                         annotations or empty, `tumor_type` from the annotations or empty,
                         `lesion_count` = lesions scored in the study
     PRED.summary.csv    one row per study: source (annotated | candidates), views, lesions, highest
-                        score and its lesion
+                        score and its lesion, fold as in PRED.csv
     PRED.errors.csv     every input not scored, with the reason (exit status 3 when not empty)
     --overlays DIR      DIR/<study_uid>.png: the views side by side, lesion contours coloured by
                         score (green 0 -> yellow -> red 1), for review; a UID that is not a valid
@@ -61,6 +63,7 @@ from wbs_dist.data.workers import StudyPool, assemble, worker_state
 from wbs_dist.errors import UsageError
 from wbs_dist.infer import candidates
 from wbs_dist.infer.ensemble import finished_folds
+from wbs_dist.infer.known import ENSEMBLE, known_patients
 from wbs_dist.infer.parts import PART_FORMAT, Parts, errors_path, merge, parse_shard, shard_of, summary_path
 from wbs_dist.preprocess import count_scale, make_input, normalise, training_level
 from wbs_dist.schema import ANTERIOR, LABEL_CODES, VIEWS, view_order
@@ -80,6 +83,8 @@ class ScoreResult:
     errors: list[tuple[str, str]]   # inputs not scored, with the reason
     errors_path: Path
     merged: tuple[int, int] | None  # (studies, lesions) written to OUT; None for a shard
+    known: int = 0                  # studies of patients the run trained on (scored out-of-fold or listed)
+    unrecognised: str = ""          # why such patients could not be recognised ('' when they could)
 
     @property
     def summary_path(self) -> Path:
@@ -146,8 +151,9 @@ def _study_task(job: StudyJob) -> StudyResult:
 
 
 # -- the run --------------------------------------------------------------------------------------------------
-def _record(res: StudyResult, scores: np.ndarray) -> dict:
+def _record(res: StudyResult, scores: np.ndarray, fold: int) -> dict:
     return {"study_uid": res.uid, "patient_id": res.patient_id, "source": res.source,
+            "fold": None if fold == ENSEMBLE else fold,
             "tumor_type": res.tumor_type, "views": res.views,
             "lesions": [[lid, view, label, round(float(s), 6)]
                         for (lid, view, label, _), s in zip(res.lesions, scores)]}
@@ -157,8 +163,8 @@ class _Batcher:
     """Lesions of finished studies, scored in batches across studies; a study's record is ready
     once all its lesions are scored."""
 
-    def __init__(self, ensemble, batch: int):
-        self.ensemble, self.batch = ensemble, batch
+    def __init__(self, ensemble, batch: int, folds: dict[str, int]):
+        self.ensemble, self.batch, self.folds = ensemble, batch, folds
         self.queue: deque = deque()         # (study, lesion index)
         self.open: dict[str, list] = {}     # uid -> [result, normalised images, scores, remaining]
 
@@ -179,7 +185,7 @@ class _Batcher:
         """Score up to one batch; the studies this completes."""
         items = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
         x = np.stack([self._input(uid, i) for uid, i in items])
-        probs = self.ensemble(x)
+        probs = self.ensemble(x, np.array([self.folds.get(uid, ENSEMBLE) for uid, _ in items]))
         done = []
         for (uid, i), p in zip(items, probs):
             entry = self.open[uid]
@@ -199,8 +205,11 @@ class _Batcher:
 def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                   shard: tuple[int, int] | str | None = None, overlays: Path | None = None, workers: int = 2,
                   batch: int = 32, annotations: Path | None = None, part_size: int = 64,
-                  max_object_mb: float = DEFAULT_MAX_OBJECT_MB, max_views: int = DEFAULT_MAX_VIEWS) -> ScoreResult:
-    """Score `archive` with the run's fold models into OUT (or, with a shard, into OUT's parts)."""
+                  max_object_mb: float = DEFAULT_MAX_OBJECT_MB, max_views: int = DEFAULT_MAX_VIEWS,
+                  store: Path | None = None, secret_file: Path | None = None) -> ScoreResult:
+    """Score `archive` with the run's fold models into OUT (or, with a shard, into OUT's parts).
+    Studies of patients in the run's store (`store`, default the run's config key) are scored by
+    their validation fold's model only (known.py); `secret_file` as ingest's."""
     from wbs_dist.infer.ensemble import Ensemble     # torch: the main process only
 
     out = Path(out)
@@ -209,7 +218,8 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
         raise UsageError("--batch and --part-size must be >= 1, --workers >= 0")
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out {out}: expected a .csv path (summary and errors are written beside it)")
-    _, config = finished_folds(run, fold)
+    finished, config = finished_folds(run, fold)
+    known = known_patients(store if store is not None else config.store, finished[0].split(), secret_file)
     mine = (lambda key: True) if shard is None else (lambda key: shard_of(key, shard[1]) == shard[0])
     t0 = time.perf_counter()
     budgets = Budgets(max_object_mb, max_views)      # a bad value: exit 2 before the archive is read
@@ -225,7 +235,8 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                 ensemble = Ensemble(run, fold)
                 fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
                                "annotations": str(Path(annotations).resolve()) if annotations else None,
-                               "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS}
+                               "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS,
+                               "known": known.fingerprint()}
                 out.parent.mkdir(parents=True, exist_ok=True)
                 parts = Parts(out, fingerprint, "all" if shard is None else f"{shard[0]}of{shard[1]}")
                 parts.open()
@@ -234,11 +245,13 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                 errors += source.unmatched_rows(studies)
                 errors = [e for e in errors if mine(e[0])]
                 done = parts.records()
+                folds = {uid: known.fold_of(patient_id_of(objs), uid) for uid, objs in studies.items() if mine(uid)}
+                errors += _not_out_of_fold(studies, folds, ensemble.folds, run)
                 jobs = [source.job(uid, patient_id_of(objs), uid, objs) for uid, objs in in_archive_order(studies)
-                        if mine(uid) and uid not in done]
+                        if mine(uid) and uid not in done and folds[uid] in (ENSEMBLE, *ensemble.folds)]
                 with _cpu_threads(ensemble.device.type, workers):
                     scored, lesions = _score_jobs(pool, jobs, ensemble, batch, parts, part_size, overlays, errors,
-                                                  workers)
+                                                  workers, folds)
         seconds = time.perf_counter() - t0
         already = len([s for s in studies if mine(s) and s in done])
         err_path = errors_path(out, shard)
@@ -248,7 +261,21 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
         if shard is None:
             records = parts.records()
             merged = merge([records[u] for u in studies if u in records], out)
-    return ScoreResult(out, shard, scored, already, lesions, seconds, errors, err_path, merged)
+    return ScoreResult(out, shard, scored, already, lesions, seconds, errors, err_path, merged,
+                       sum(f != ENSEMBLE for f in folds.values()), known.unrecognised)
+
+
+def _not_out_of_fold(studies: dict, folds: dict[str, int], have: list[int], run: Path) -> list[tuple[str, str]]:
+    """Studies of known patients whose validation fold's model is not at hand: every model at hand
+    trained on them, so they are listed, not scored."""
+    out = []
+    for uid, fold in folds.items():
+        if fold not in (ENSEMBLE, *have):
+            reason = (f"patient of the run's validation fold {fold}, whose model is not "
+                      f"{'finished' if not (Path(run) / f'fold{fold}' / 'done.json').exists() else 'selected (--fold)'}"
+                      f"; the other folds trained on this patient, so it is not scored (out-of-fold rule)")
+            out += [(name, reason) for name, _ in studies[uid]]
+    return out
 
 
 @contextmanager
@@ -268,10 +295,10 @@ def _cpu_threads(device: str, workers: int):
 
 
 def _score_jobs(pool: StudyPool, jobs, ensemble, batch, parts: Parts, part_size, overlays, errors,
-                workers) -> tuple[int, int]:
+                workers, folds: dict[str, int]) -> tuple[int, int]:
     from wbs_dist.infer.overlay import render, write_overlay
 
-    batcher = _Batcher(ensemble, batch)
+    batcher = _Batcher(ensemble, batch, folds)
     # Enough studies in flight to fill a batch and keep every worker busy while the model runs.
     limit = 2 * max(workers, 1) + batch
     pending: set[Future] = set()
@@ -284,7 +311,7 @@ def _score_jobs(pool: StudyPool, jobs, ensemble, batch, parts: Parts, part_size,
 
     def complete(res: StudyResult, scores: np.ndarray) -> None:
         nonlocal scored, lesions, last_flush
-        finished.append(_record(res, scores))
+        finished.append(_record(res, scores, folds.get(res.uid, ENSEMBLE)))
         if overlays is not None:
             image = render(res.views, res.native, res.native_labels,
                            [(lid, view, s) for (lid, view, _, _), s in zip(res.lesions, scores)])
