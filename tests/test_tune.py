@@ -154,6 +154,9 @@ def test_best_yaml_is_a_complete_training_config(sweep, loader_store):
     assert cfg.epochs == BASE_EPOCHS                      # the full protocol, not the sweep's budget
     assert (cfg.store, cfg.folds, cfg.model, cfg.train_size) == (str(loader_store), 3, "resnet18", (64, 32))
     assert cfg.run_dir == str(exp / "best")
+    # Its report will say that lr and batch were chosen on the folds it grades (the plain path's provenance).
+    assert cfg.selected_on.startswith(f"lr {cfg.lr:.3g} and batch_size {cfg.batch_size} were selected by the sweep "
+                                      f"{exp}") and "nested=true" in cfg.selected_on
     # The finished trials' folds hold their predictions (done.json), as `wbs-dist train` leaves them.
     assert (exp / best["trial"] / "run" / "fold2" / "done.json").exists()
 

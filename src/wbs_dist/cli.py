@@ -110,17 +110,36 @@ def _cmd_cv(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from wbs_dist.launch.tune import METRIC, load_tune, results_markdown, tune
+    from wbs_dist.launch.tune import METRIC, load_tune, tune
+    from wbs_dist.launch.tune_results import results_markdown
 
     spec, base = load_tune(args.config, args.overrides)
+    if spec.nested:
+        return _nested(spec, base)
     r = tune(spec, base)
     print(results_markdown(r.rows, base.folds))
     print(f"results: {r.experiment / 'results.csv'}, {r.experiment / 'results.md'}")
     if r.best is None:
         raise WbsError(f"no trial ran its {spec.max_epochs} epochs: no best config")
     print(f"best: {r.experiment / 'best.yaml'} (lr {r.best['lr']:.3g}, batch {r.best['batch_size']}, "
-          f"mean val AUC {r.best[METRIC]:.4f}); train it with `wbs-dist cv {r.experiment / 'best.yaml'}`")
+          f"mean val AUC {r.best[METRIC]:.4f}); train it with `wbs-dist cv {r.experiment / 'best.yaml'}`. Its report "
+          "will say that lr and batch were chosen on the folds it grades (optimistic); nested=true grades them on "
+          "folds the choice never saw")
     return EXIT_SKIPPED if r.errored else EXIT_OK
+
+
+def _nested(spec, base) -> int:
+    from wbs_dist.evaluate.report import headline
+    from wbs_dist.launch.nested import nested_tune
+
+    r = nested_tune(spec, base)
+    for c in r.outer:
+        print(f"outer fold {c['outer_fold']}: lr {c['lr']:.3g}, batch {c['batch_size']} (trial {c['trial']}, inner mean "
+              f"val AUC {c['inner_mean_val_auc']:.4f}, {c['trials']} trials)")
+    for run in r.runs:
+        print(headline(run) + " (nested: graded on outer folds the search never saw)")
+    print(f"report: {r.report_dir / 'report.html'}; choices {r.experiment / 'nested.json'}")
+    return EXIT_SKIPPED if any(c["errored"] for c in r.outer) else EXIT_OK
 
 
 def _cmd_demo(args) -> int:

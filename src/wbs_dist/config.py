@@ -144,6 +144,11 @@ class Config:
     fold_seed: int = key(0, "seed of the split; results depend on it", at_least(0))
     split: str = key("", "fingerprint of the store's split the run trains on: set by training (leave empty); "
                      "a run made on another split is refused", split_check)
+    outer_fold: int = key(-1, "nested cross-validation (set by `wbs-dist tune nested=true`): the outer fold this "
+                          "run leaves out entirely, neither trained nor validated on; -1 = none", at_least(-1))
+    selected_on: str = key("", "set by `wbs-dist tune` in best.yaml: the sweep that chose lr and batch_size on "
+                           "these same folds; cv's metrics.json and report then say so (leave as written)",
+                           no_control_chars("written into metrics.json and the report"), affects_results=False)
     # --- model ----------------------------------------------------------------------------------
     model: str = key("resnet50", "resnet50 | inception_v3 | vgg16 | densenet169 (| resnet18: small, for tests)",
                      one_of(*MODELS))

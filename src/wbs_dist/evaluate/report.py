@@ -73,6 +73,17 @@ def _render(runs: Sequence[Run]) -> Rendered:
         body.append(f"<h2>{html.escape(run.name)}</h2><p>{html.escape(str(run.pred.path))}; "
                     f"{html.escape(threshold_text(run))}</p>")
         body += [t.html() for t in tables]
+        prov = run.metrics.get("provenance")
+        if prov:
+            md.append(f"Provenance: {prov['text']}\n")
+            body.append(f"<h3>Provenance</h3><p>{html.escape(prov['text'])}</p>")
+            if prov.get("outer_folds"):
+                cols = list(prov["outer_folds"][0])
+                md.append("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "".join(
+                    "| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in prov["outer_folds"]))
+                body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(
+                    "<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>"
+                    for r in prov["outer_folds"]) + "</table>")
         for name, fig in run_figures(run).items():
             data = pngs[f"{prefix}{name}.png"] = png(fig)
             body.append(_img(data, f"{name} — {run.name}"))
@@ -91,13 +102,14 @@ def _render(runs: Sequence[Run]) -> Rendered:
 
 
 def write_report(predictions: Sequence[Path], out: Path, threshold: float | str = 0.5,
-                 bootstrap: int = DEFAULT_B, seed: int = DEFAULT_SEED) -> list[Run]:
+                 bootstrap: int = DEFAULT_B, seed: int = DEFAULT_SEED, provenance: dict | None = None) -> list[Run]:
     """Write OUT/metrics.json, OUT/tables.md, the PNGs and OUT/report.html; return the runs.
 
     `threshold`: a number in [0, 1] or "youden", already parsed (analysis.parse_threshold).
     `bootstrap`: patient-bootstrap replicates and cluster-test permutations (0 = off), `seed` theirs.
     A bad input is an InputError, an `out` that is not a folder a UsageError; either leaves `out`
-    untouched.
+    untouched. `provenance`: how the hyperparameters were chosen ({"text": ..., optionally
+    "outer_folds": rows}), written into metrics.json and shown above the figures.
     """
     spec = _check_threshold(threshold)
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
@@ -108,6 +120,9 @@ def write_report(predictions: Sequence[Path], out: Path, threshold: float | str 
     # Every input is read and checked before anything is written, so a bad file leaves no half report.
     preds = [read_predictions(p) for p in paths]
     runs = [analyse(name, pred, spec, bootstrap, seed) for name, pred in zip(run_names(paths), preds)]
+    for run in runs:
+        if provenance:
+            run.metrics["provenance"] = provenance
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")

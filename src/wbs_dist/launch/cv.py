@@ -88,5 +88,7 @@ def cross_validate(cfg: Config, launcher: str = "local") -> CvResult:
     check_run_split(cfg, store)                  # a fold may have been trained elsewhere meanwhile
     predictions = collect_predictions(cfg)
     report_dir = Path(cfg.run_dir) / "report"
-    runs = write_report([predictions], out=report_dir, threshold=0.5)
+    # A config chosen by a sweep on these folds (tune's best.yaml) is graded on them: the report says so.
+    provenance = {"text": cfg.selected_on, "selected_on_these_folds": True} if cfg.selected_on else None
+    runs = write_report([predictions], out=report_dir, threshold=0.5, provenance=provenance)
     return CvResult(predictions, report_dir, runs)

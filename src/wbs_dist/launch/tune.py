@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from wbs_dist.atomic import write_csv, write_text
+from wbs_dist.atomic import write_text
 from wbs_dist.config import (Config, at_least, check, coerce, control_chars, key, load_config, no_control_chars,
                              parse_override, read_mapping, result_keys)
 from wbs_dist.errors import ConfigError, UsageError, WbsError
@@ -58,6 +58,9 @@ class TuneSpec:
     scale_lr_with_batch: bool = key(False, "trial lr = sampled lr x batch / the base config's batch_size")
     num_samples: int = key(16, "trials", at_least(1))
     seed: int = key(0, "the search's draws; training seeds come from train.seed", at_least(0))
+    nested: bool = key(False, "nested cross-validation: for each outer fold a search on the inner folds of its "
+                       "training patients, the choice retrained on all of them and graded on the outer fold "
+                       "(an unbiased estimate; about k-1 times the plain sweep's training)")
     # --- ASHA ---------------------------------------------------------------------------------------
     max_epochs: int = key(0, "epochs a trial may run (0 = the base config's epochs)")
     grace_period: int = key(1, "epochs every trial runs before it can be stopped", at_least(1))
@@ -178,7 +181,8 @@ def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             reported = json.loads((Path(d) / PROGRESS_FILE).read_text())["epochs"]
-    trainers = [FoldTrainer(cfg, k) for k in range(cfg.folds)]
+    # A nested search's run never sees its outer fold: the trial's folds are the inner ones.
+    trainers = [FoldTrainer(cfg, k) for k in range(cfg.folds) if k != cfg.outer_fold]
     try:
         for t in trainers:
             t.open(preemption=False)
@@ -194,10 +198,11 @@ def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
                     t.train_epoch()
                 aucs.append(t.history[epoch]["val_auc"])
             if None in aucs:
-                raise UsageError(f"fold {aucs.index(None)}: validation lesions of one class only, AUC undefined; "
+                raise UsageError(f"fold {trainers[aucs.index(None)].fold}: validation lesions of one class only, "
+                                 f"AUC undefined; "
                                  f"use fewer folds (train.folds) or more annotated patients")
             metrics = {"epochs": epoch + 1, METRIC: sum(aucs) / len(aucs),
-                       **{f"fold{k}_val_auc": a for k, a in enumerate(aucs)}}
+                       **{f"fold{t.fold}_val_auc": a for t, a in zip(trainers, aucs)}}
             if epoch + 1 == cfg.epochs:
                 # Before the last report: Tune ends the trial there (ASHA's max_t) without returning.
                 for t in trainers:
@@ -333,47 +338,6 @@ def _rows(grid, spec: TuneSpec, base: Config) -> list[dict]:
     return rows
 
 
-# -- the results -------------------------------------------------------------------------------------
-def _columns(folds: int) -> list[str]:
-    return ["trial", "status", "lr", "batch_size", "epochs", METRIC] + [f"fold{k}_val_auc" for k in range(folds)]
-
-
-def _cell(col: str, value) -> str:
-    if value is None:
-        return "-"
-    if col == "lr":
-        return f"{value:.2e}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def results_markdown(rows: list[dict], folds: int) -> str:
-    cols = _columns(folds)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("trial", "status") else "---:" for c in cols) + "|"]
-    lines += ["| " + " | ".join(_cell(c, r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(rows: list[dict], spec: TuneSpec, base: Config) -> dict | None:
-    """results.csv, results.md and best.yaml (from the completed trial with the highest mean AUC at
-    its final epoch) in the experiment directory; the best row, or None when no trial completed."""
-    exp = spec.experiment_dir
-    cols = _columns(base.folds)
-    write_csv(exp / "results.csv", cols, [[r.get(c) for c in cols] for r in rows])
-    write_text(exp / "results.md", results_markdown(rows, base.folds))
-    completed = [r for r in rows if r["status"] == "completed"]
-    if not completed:
-        return None
-    best = max(completed, key=lambda r: r[METRIC])
-    # The full protocol (the base config's epochs) with the sweep's lr and batch; its own run
-    # directory, so that it never meets another run's checkpoints.
-    cfg = dataclasses.replace(base, lr=best["lr"], batch_size=best["batch_size"], run_dir=str(exp / "best"))
-    header = (f"# Best of the sweep {exp}: trial {best['trial']}, mean validation AUC {best[METRIC]:.4f} over "
-              f"{base.folds} folds after {best['epochs']} epochs.\n# lr and batch_size from the sweep, run_dir its own; "
-              f"everything else (epochs included) from {spec.base} and the train.* overrides.\n")
-    write_text(exp / "best.yaml", header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return best
-
-
 @dataclass
 class TuneResult:
     experiment: Path
@@ -388,6 +352,8 @@ class TuneResult:
 def tune(spec: TuneSpec, base: Config) -> TuneResult:
     """Run (or restore and finish) the sweep and write its results; raises WbsError when no trial
     ran to the end."""
+    from wbs_dist.launch.tune_results import write_results
+
     base = pin_split(base)          # best.yaml names the split its lr and batch size were chosen on
     rows = run_sweep(spec, base)
     best = write_results(rows, spec, base)

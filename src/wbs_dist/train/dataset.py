@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from wbs_dist.config import Size
+from wbs_dist.config import Config, Size
+from wbs_dist.errors import ConfigError
 from wbs_dist.data.folds import lesion_folds
 from wbs_dist.data.store import Store, StoreError, int_to_key
 from wbs_dist.preprocess import input_channels, make_input, normalise
@@ -82,6 +83,19 @@ def lesion_index(store: Store, folds: Sequence[int], size: tuple[int, int],
                        study_pos.astype(np.int32), rows["lesion_id"].astype(np.uint16),
                        rows["label"].astype(np.float32), rows["patient"], fold_of[sel][order].astype(np.int8),
                        rows["view"], rows["tumor_type"], rows["burden"])
+
+
+def fold_indices(store: Store, cfg: Config, fold: int) -> tuple[LesionIndex, LesionIndex]:
+    """(training, validation) lesions of fold `fold`: validation is the fold, training every other
+    fold but a nested run's outer fold (config key outer_fold), which this run never sees."""
+    if not 0 <= fold < cfg.folds:
+        raise ConfigError(f"--fold {fold} out of range: config key 'folds' is {cfg.folds} (0..{cfg.folds - 1})")
+    if cfg.outer_fold >= cfg.folds or cfg.outer_fold == fold:
+        raise ConfigError(f"config key 'outer_fold' ({cfg.outer_fold}): must be -1 or another fold than --fold "
+                          f"{fold} among 0..{cfg.folds - 1}")
+    others = [f for f in range(cfg.folds) if f not in (fold, cfg.outer_fold)]
+    return (lesion_index(store, others, cfg.train_size, cfg.other_lesions_channel),
+            lesion_index(store, [fold], cfg.train_size, cfg.other_lesions_channel))
 
 
 class LesionDataset(torch.utils.data.Dataset):
