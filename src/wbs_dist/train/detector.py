@@ -1,0 +1,112 @@
+"""The learned lesion detector: lesion vs background on the side-by-side training image.
+
+What it learns from: every annotated study of the training folds (benign and malignant lesions
+alike), its training image (`train_image`, normalised by the study's count scale as the classifier's
+input is, preprocess.normalise) and its lesion label map at the same level (`train_labels` > 0).
+Whole-study samples; the flip augmentation mirrors each view, image and target together
+(preprocess.mirror_views), as the classifier's does.
+
+The network: MONAI's `UNet` (residual units, Kerfoot et al. 2018), 2-D, one input channel, two
+output classes. MONAI because it is the medical-imaging standard, maintained and tested against the
+segmentation literature; this residual U-Net rather than `DynUNet` (nnU-Net's self-configuring one)
+because a 512 x 256 planar image needs no per-dataset configuration of kernels and spacings, and
+residual units train stably from scratch at the study's small batches. Five levels (16..256
+channels, four stride-2 steps) reach a 32 x 16 bottleneck at 512 x 256, wider than any lesion;
+`width="small"` (8..32, two steps) is for tests.
+
+The loss: Dice + cross-entropy (MONAI's `DiceCELoss`, softmax over the two classes, equal weights),
+the segmentation literature's answer to class imbalance: lesions are well under 1 % of a study's
+pixels, so cross-entropy alone learns "background everywhere"; the Dice term is a ratio over the
+lesion pixels, whatever their number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from wbs_dist.data.folds import lesion_folds
+from wbs_dist.data.store import Store, int_to_key
+from wbs_dist.preprocess import mirror_views, normalise
+
+WIDTHS = {"full": ((16, 32, 64, 128, 256), (2, 2, 2, 2)), "small": ((8, 16, 32), (2, 2))}
+
+
+def build_detector(width: str = "full") -> torch.nn.Module:
+    """MONAI's residual U-Net, 1 channel in (the normalised image), 2 classes out (background, lesion)."""
+    from monai.networks.nets import UNet
+
+    if width not in WIDTHS:
+        raise ValueError(f"detector width {width!r}: one of {sorted(WIDTHS)}")
+    channels, strides = WIDTHS[width]
+    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=strides,
+                num_res_units=2)
+
+
+def detector_loss() -> torch.nn.Module:
+    """Dice + cross-entropy over softmax (see the module note); targets (N, 1, H, W) of 0/1."""
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+@dataclass
+class StudyIndex:
+    """The annotated studies of some folds: the detector's samples."""
+
+    store_path: Path
+    keys: list[str]
+    scale: np.ndarray               # float32 count scale per study
+    fold: np.ndarray                # int8 fold per study
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def study_index(store: Store, folds: Sequence[int]) -> StudyIndex:
+    """The studies with at least one lesion in the store's lesion table whose patients are in `folds`."""
+    table = store.lesion_table()
+    fold_of = lesion_folds(store, table)
+    studies, first = np.unique(table["study"], return_index=True)
+    keep = np.isin(fold_of[first], np.asarray(folds))
+    keys = [int_to_key(s) for s in studies[keep]]
+    scale = np.array([store.study(k).attrs["count_scale"] for k in keys], np.float32)
+    return StudyIndex(store.path, keys, scale, fold_of[first][keep].astype(np.int8))
+
+
+class StudyDataset(torch.utils.data.Dataset):
+    """(1, H, W) normalised training image and (1, H, W) lesion target of each study, read from the
+    store; `flip_p` mirrors both views of a sample with that probability (training only)."""
+
+    def __init__(self, index: StudyIndex, flip_p: float = 0.0, seed: int = 0):
+        self.index, self.flip_p = index, flip_p
+        self.rng = np.random.default_rng(seed)
+        self._store: Store | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._store is None:  # opened lazily: each DataLoader worker gets its own handle
+            self._store = Store.open(self.index.store_path)
+        g = self._store.study(self.index.keys[i])
+        x = normalise(g["train_image"][...], self.index.scale[i])[None]
+        y = (g["train_labels"][...] > 0).astype(np.int64)[None]
+        if self.flip_p and self.rng.random() < self.flip_p:
+            x, y = mirror_views(x), mirror_views(y)
+        return {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.from_numpy(np.ascontiguousarray(y)),
+                "index": torch.tensor(i)}
+
+
+@torch.no_grad()
+def probability_maps(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """(N, H, W) lesion probability of a batch (N, 1, H, W), in fp32 whatever the model's autocast."""
+    was = model.training
+    model.eval()
+    logits = model(x).float()
+    model.train(was)
+    return torch.softmax(logits, dim=1)[:, 1].cpu().numpy()

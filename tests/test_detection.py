@@ -1,0 +1,153 @@
+"""Detection evaluation (evaluate/detection.py) against cases counted by hand: the overlap criterion,
+false positives, FROC points and the threshold chosen on training folds."""
+
+import numpy as np
+import pytest
+
+from wbs_dist.evaluate.detection import THRESHOLDS, choose_threshold, components, froc, match, point
+
+
+def square(shape, r, c, size, value=1, out=None):
+    out = np.zeros(shape, np.int32) if out is None else out
+    out[r:r + size, c:c + size] = value
+    return out
+
+
+def test_a_lesion_is_found_when_the_overlap_coefficient_exceeds_0_3():
+    truth = square((20, 20), 0, 0, 10, 1)                            # lesion 1: 100 px
+    # A component of 10 px, 3 inside the lesion: 3 / min(10, 100) = 0.3, not > 0.3: missed, and false.
+    miss = np.zeros((20, 20), np.int32)
+    miss[9, 7:17] = 1
+    m = match(miss, truth)
+    assert (m.lesions, m.found, m.false, m.components) == (1, 0, 1, 1)
+    # 4 inside: 0.4 > 0.3: found, not false.
+    found = np.zeros((20, 20), np.int32)
+    found[9, 6:16] = 1
+    m = match(found, truth)
+    assert (m.lesions, m.found, m.false, m.components) == (1, 1, 0, 1)
+    # A large component taking in the lesion (the joint under it): IoU 100/400 = 0.25, coefficient 1.
+    big = square((20, 20), 0, 0, 20, 1)
+    assert match(big, truth).found == 1
+
+
+def test_hand_counted_study_with_touching_lesions_and_false_components():
+    truth = np.zeros((30, 30), np.int32)
+    square(truth.shape, 0, 0, 4, 1, truth)       # lesion 1
+    square(truth.shape, 0, 4, 4, 2, truth)       # lesion 2, touching 1
+    square(truth.shape, 20, 20, 5, 3, truth)     # lesion 3: nothing proposed there
+    proposed = np.zeros((30, 30), np.int32)
+    square(proposed.shape, 0, 1, 6, 1, proposed)     # covers parts of 1 and 2: finds both
+    square(proposed.shape, 10, 10, 3, 2, proposed)   # on no lesion: false
+    square(proposed.shape, 25, 0, 2, 3, proposed)    # on no lesion: false
+    square(proposed.shape, 1, 1, 2, 4, proposed)     # inside lesion 1 (overwrites part of comp 1): also finds 1
+    m = match(proposed, truth)
+    assert (m.lesions, m.found, m.false, m.components) == (3, 2, 2, 4)
+
+
+def test_components_are_8_connected():
+    prob = np.zeros((5, 5))
+    prob[0, 0] = prob[1, 1] = prob[2, 2] = 0.9      # a diagonal: one component
+    prob[4, 0] = 0.9                                # alone
+    labels = components(prob, 0.5)
+    assert labels.max() == 2 and labels[0, 0] == labels[2, 2] != labels[4, 0]
+    assert components(prob, 0.95).max() == 0
+
+
+def test_froc_points_and_the_threshold_chosen_on_training_points():
+    # Two studies. Study A: lesion 1 at probability 0.8, a false blob at 0.6. Study B: lesion at 0.4, false at 0.2.
+    a_truth = square((16, 16), 0, 0, 4, 1)
+    a_prob = np.zeros((16, 16))
+    a_prob[0:4, 0:4] = 0.8
+    a_prob[10:13, 10:13] = 0.6
+    b_truth = square((16, 16), 8, 8, 4, 1)
+    b_prob = np.zeros((16, 16))
+    b_prob[8:12, 8:12] = 0.4
+    b_prob[0:2, 0:2] = 0.2
+    points = {p["threshold"]: p for p in froc([a_prob, b_prob], [a_truth, b_truth], [0.1, 0.3, 0.5, 0.7, 0.9])}
+    by_hand = {0.1: (1.0, 2 / 2), 0.3: (1.0, 1 / 2), 0.5: (0.5, 1 / 2), 0.7: (0.5, 0.0), 0.9: (0.0, 0.0)}
+    for t, (sens, fp) in by_hand.items():
+        assert (points[t]["sensitivity"], points[t]["fp_per_study"]) == pytest.approx((sens, fp)), t
+        assert points[t]["lesions"] == 2 and points[t]["studies"] == 2
+    t, note = choose_threshold(list(points.values()), target=0.95)
+    assert t == 0.3 and "highest reaching" in note
+    t, note = choose_threshold(list(points.values()), target=0.5)
+    assert t == 0.7
+    # Nothing reaches 100 % above 0.3 ... and when nothing reaches the target, the highest sensitivity.
+    t, note = choose_threshold([p for k, p in points.items() if k >= 0.5], target=0.95)
+    assert t == 0.7 and "no threshold reaches" in note
+
+
+def test_point_of_no_lesions_and_bad_inputs():
+    assert point(0.5, [])["sensitivity"] is None
+    with pytest.raises(ValueError, match="shape"):
+        match(np.zeros((3, 3), np.int32), np.zeros((3, 4), np.int32))
+    with pytest.raises(ValueError, match="lesion maps"):
+        froc([np.zeros((2, 2))], [])
+    with pytest.raises(ValueError, match="no FROC point"):
+        choose_threshold([point(0.5, [])])
+    assert THRESHOLDS[0] == 0.05 and THRESHOLDS[-1] == 0.95 and len(THRESHOLDS) == 19
+
+
+# -- the detector's data and network (train/detector.py) ---------------------------------------------
+def test_study_index_holds_the_annotated_studies_of_the_folds_asked(loader_store):
+    from wbs_dist.data.folds import lesion_folds
+    from wbs_dist.data.store import Store, int_to_key
+    from wbs_dist.train.detector import study_index
+
+    store = Store.open(loader_store)
+    table = store.lesion_table()
+    fold_of = lesion_folds(store, table)
+    ix = study_index(store, [0, 2])
+    want = {int_to_key(s) for s, f in zip(table["study"], fold_of) if f in (0, 2)}
+    assert set(ix.keys) == want and len(ix.keys) == len(want)
+    assert set(ix.fold.tolist()) == {0, 2}
+    assert not set(ix.keys) & set(study_index(store, [1]).keys)
+
+
+def test_study_samples_are_the_normalised_image_and_its_lesions_flipped_together(loader_store):
+    import torch
+
+    from wbs_dist.data.store import Store
+    from wbs_dist.train.detector import StudyDataset, study_index
+
+    store = Store.open(loader_store)
+    ix = study_index(store, [0])
+    plain, flipped = StudyDataset(ix)[0], StudyDataset(ix, flip_p=1.0)[0]
+    g = store.study(ix.keys[0])
+    assert plain["x"].shape == (1, 64, 32) and plain["y"].dtype == torch.int64
+    np.testing.assert_array_equal(plain["x"][0].numpy(), g["train_image"][...] / np.float32(ix.scale[0]))
+    np.testing.assert_array_equal(plain["y"][0].numpy(), (g["train_labels"][...] > 0).astype(np.int64))
+    assert plain["y"].sum() > 0
+    # Each view mirrored on its own half, image and target alike.
+    for key in ("x", "y"):
+        a, b = plain[key][0].numpy(), flipped[key][0].numpy()
+        np.testing.assert_array_equal(b[:, :16], a[:, :16][:, ::-1])
+        np.testing.assert_array_equal(b[:, 16:], a[:, 16:][:, ::-1])
+
+
+def test_the_detector_learns_lesions_with_dice_plus_cross_entropy(loader_store):
+    """A few studies, the small U-Net, 80 Adam steps on CPU: the loss falls well below its start and
+    lesion pixels end with a higher probability than background."""
+    import torch
+
+    from wbs_dist.data.store import Store
+    from wbs_dist.train.detector import StudyDataset, build_detector, detector_loss, probability_maps, study_index
+
+    torch.manual_seed(0)
+    ds = StudyDataset(study_index(Store.open(loader_store), [0]))
+    batch = [ds[i] for i in range(min(6, len(ds)))]
+    x, y = torch.stack([b["x"] for b in batch]), torch.stack([b["y"] for b in batch])
+    model, loss_fn = build_detector("small"), detector_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(80):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.6 * losses[0], losses[::10]
+    prob = probability_maps(model, x)
+    assert prob.shape == (len(batch), 64, 32) and model.training
+    lesion = y[:, 0].numpy() == 1
+    assert prob[lesion].mean() > prob[~lesion].mean() + 0.2
