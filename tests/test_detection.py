@@ -99,9 +99,9 @@ def test_study_index_holds_the_annotated_studies_of_the_folds_asked(loader_store
     fold_of = lesion_folds(store, table)
     ix = study_index(store, [0, 2])
     want = {int_to_key(s) for s, f in zip(table["study"], fold_of) if f in (0, 2)}
-    assert set(ix.keys) == want and len(ix.keys) == len(want)
+    assert set(ix.study_keys) == want and len(ix.study_keys) == len(want)
     assert set(ix.fold.tolist()) == {0, 2}
-    assert not set(ix.keys) & set(study_index(store, [1]).keys)
+    assert not set(ix.study_keys) & set(study_index(store, [1]).study_keys)
 
 
 def test_study_samples_are_the_normalised_image_and_its_lesions_flipped_together(loader_store):
@@ -113,7 +113,7 @@ def test_study_samples_are_the_normalised_image_and_its_lesions_flipped_together
     store = Store.open(loader_store)
     ix = study_index(store, [0])
     plain, flipped = StudyDataset(ix)[0], StudyDataset(ix, flip_p=1.0)[0]
-    g = store.study(ix.keys[0])
+    g = store.study(ix.study_keys[0])
     assert plain["x"].shape == (1, 64, 32) and plain["y"].dtype == torch.int64
     np.testing.assert_array_equal(plain["x"][0].numpy(), g["train_image"][...] / np.float32(ix.scale[0]))
     np.testing.assert_array_equal(plain["y"][0].numpy(), (g["train_labels"][...] > 0).astype(np.int64))
@@ -137,11 +137,11 @@ def test_the_detector_learns_lesions_with_dice_plus_cross_entropy(loader_store):
     ds = StudyDataset(study_index(Store.open(loader_store), [0]))
     batch = [ds[i] for i in range(min(6, len(ds)))]
     x, y = torch.stack([b["x"] for b in batch]), torch.stack([b["y"] for b in batch])
-    model, loss_fn = build_detector("small"), detector_loss()
+    model = build_detector("unet_small")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(80):
-        loss = loss_fn(model(x), y)
+        loss = detector_loss(model(x), y).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,3 +151,32 @@ def test_the_detector_learns_lesions_with_dice_plus_cross_entropy(loader_store):
     assert prob.shape == (len(batch), 64, 32) and model.training
     lesion = y[:, 0].numpy() == 1
     assert prob[lesion].mean() > prob[~lesion].mean() + 0.2
+
+
+def test_the_dali_study_loader_gives_the_datasets_samples_with_the_same_flips(loader_store):
+    """StudyLoader (DALI, the trainer's) against StudyDataset (plain reads): same image and target for
+    every study of an epoch, and a flipped sample is the plain one mirrored view by view."""
+    import torch
+
+    from wbs_dist.data.store import Store
+    from wbs_dist.preprocess import mirror_views
+    from wbs_dist.train.detector import StudyDataset, study_index
+    from wbs_dist.train.loader import StudyLoader
+
+    ix = study_index(Store.open(loader_store), [0, 1])
+    ds = StudyDataset(ix)
+    seen = {}
+    with StudyLoader(ix, global_batch=4, train=True, flip_p=0.5, seed=3, workers=0) as loader:
+        for batch in loader.epoch():
+            assert batch.x.shape[1:] == (2, 64, 32)
+            for x, v, i in zip(batch.x, batch.valid, batch.index):
+                if v:
+                    seen[int(i)] = x.clone()
+    assert sorted(seen) == list(range(len(ix)))
+    flips = 0
+    for i, x in seen.items():
+        want = torch.cat([ds[i]["x"], ds[i]["y"].float()]).numpy()
+        if not np.array_equal(x.numpy(), want):
+            np.testing.assert_array_equal(x.numpy(), mirror_views(want))
+            flips += 1
+    assert 0 < flips < len(ix)

@@ -26,6 +26,7 @@ from wbs_dist.errors import ConfigError
 # The study's network and its three comparisons, then resnet18: a small backbone for CPU tests,
 # laptops and the demo. Defined here, not in train/models.py, so reading a config does not import torch.
 MODELS = ("resnet50", "inception_v3", "vgg16", "densenet169", "resnet18")
+DETECTORS = ("unet", "unet_small")        # task=detect: MONAI residual U-Nets (train/detector.py)
 
 
 class Size(NamedTuple):
@@ -150,9 +151,16 @@ class Config:
                            "these same folds; cv's metrics.json and report then say so (leave as written)",
                            no_control_chars("written into metrics.json and the report"), affects_results=False)
     # --- model ----------------------------------------------------------------------------------
-    model: str = key("resnet50", "resnet50 | inception_v3 | vgg16 | densenet169 (| resnet18: small, for tests)",
-                     one_of(*MODELS))
-    weights: str = key("imagenet", "imagenet (read from the torch hub cache, never downloaded) | none",
+    task: str = key("classify", "classify (the study: a lesion's malignancy) | detect (the learned lesion "
+                    "detector: lesion vs background over the whole study, for scoring archives without delineations)",
+                    one_of("classify", "detect"))
+    model: str = key("resnet50", "task=classify: resnet50 | inception_v3 | vgg16 | densenet169 (| resnet18: small, "
+                     "for tests); task=detect: unet (| unet_small: for tests)", one_of(*MODELS, *DETECTORS))
+    target_sensitivity: float = key(0.95, "task=detect: the operating threshold is the highest whose lesion "
+                                    "sensitivity on the training folds reaches this",
+                                    lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    weights: str = key("imagenet", "task=classify: imagenet (read from the torch hub cache, never downloaded) | "
+                       "none; a detector trains from scratch",
                        one_of("imagenet", "none"))
     # --- optimisation (the study: Adam, lr 1e-3, batch 8, 300 epochs, flip 0.5) -------------------
     epochs: int = key(300, "training epochs; a finished or running fold may be given more", at_least(1),

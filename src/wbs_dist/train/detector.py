@@ -10,14 +10,15 @@ The network: MONAI's `UNet` (residual units, Kerfoot et al. 2018), 2-D, one inpu
 output classes. MONAI because it is the medical-imaging standard, maintained and tested against the
 segmentation literature; this residual U-Net rather than `DynUNet` (nnU-Net's self-configuring one)
 because a 512 x 256 planar image needs no per-dataset configuration of kernels and spacings, and
-residual units train stably from scratch at the study's small batches. Five levels (16..256
+residual units train stably from scratch at the study's small batches. `unet`: five levels (16..256
 channels, four stride-2 steps) reach a 32 x 16 bottleneck at 512 x 256, wider than any lesion;
-`width="small"` (8..32, two steps) is for tests.
+`unet_small` (8..32, two steps) is for tests.
 
-The loss: Dice + cross-entropy (MONAI's `DiceCELoss`, softmax over the two classes, equal weights),
-the segmentation literature's answer to class imbalance: lesions are well under 1 % of a study's
-pixels, so cross-entropy alone learns "background everywhere"; the Dice term is a ratio over the
-lesion pixels, whatever their number.
+The loss: Dice + cross-entropy, equal weights, the segmentation literature's answer to class
+imbalance (nnU-Net's default): lesions are well under 1 % of a study's pixels, so cross-entropy
+alone learns "background everywhere"; the Dice term (MONAI's `DiceLoss` over the lesion class,
+softmax) is a ratio over the lesion pixels, whatever their number. Per sample, so that the trainer
+can leave out the padding of a global batch as it does for the classifier.
 """
 
 from __future__ import annotations
@@ -31,27 +32,32 @@ import torch
 
 from wbs_dist.data.folds import lesion_folds
 from wbs_dist.data.store import Store, int_to_key
+from wbs_dist.errors import ConfigError
 from wbs_dist.preprocess import mirror_views, normalise
 
-WIDTHS = {"full": ((16, 32, 64, 128, 256), (2, 2, 2, 2)), "small": ((8, 16, 32), (2, 2))}
+WIDTHS = {"unet": ((16, 32, 64, 128, 256), (2, 2, 2, 2)), "unet_small": ((8, 16, 32), (2, 2))}
 
 
-def build_detector(width: str = "full") -> torch.nn.Module:
+def build_detector(name: str = "unet") -> torch.nn.Module:
     """MONAI's residual U-Net, 1 channel in (the normalised image), 2 classes out (background, lesion)."""
     from monai.networks.nets import UNet
 
-    if width not in WIDTHS:
-        raise ValueError(f"detector width {width!r}: one of {sorted(WIDTHS)}")
-    channels, strides = WIDTHS[width]
+    if name not in WIDTHS:
+        raise ConfigError(f"config key 'model': a detector is one of {', '.join(WIDTHS)} (got {name!r})")
+    channels, strides = WIDTHS[name]
     return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=strides,
                 num_res_units=2)
 
 
-def detector_loss() -> torch.nn.Module:
-    """Dice + cross-entropy over softmax (see the module note); targets (N, 1, H, W) of 0/1."""
-    from monai.losses import DiceCELoss
+def detector_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) Dice + cross-entropy of each sample (see the module note): logits (N, 2, H, W), target
+    (N, 1, H, W) of 0/1, in fp32 whatever the autocast."""
+    from monai.losses import DiceLoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+    logits, target = logits.float(), target.long()
+    dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")(logits, target)
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0], reduction="none").mean(dim=(1, 2))
+    return dice.reshape(len(logits)) + ce
 
 
 @dataclass
@@ -59,12 +65,14 @@ class StudyIndex:
     """The annotated studies of some folds: the detector's samples."""
 
     store_path: Path
-    keys: list[str]
+    height: int
+    width: int
+    study_keys: list[str]
     scale: np.ndarray               # float32 count scale per study
     fold: np.ndarray                # int8 fold per study
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.study_keys)
 
 
 def study_index(store: Store, folds: Sequence[int]) -> StudyIndex:
@@ -75,7 +83,8 @@ def study_index(store: Store, folds: Sequence[int]) -> StudyIndex:
     keep = np.isin(fold_of[first], np.asarray(folds))
     keys = [int_to_key(s) for s in studies[keep]]
     scale = np.array([store.study(k).attrs["count_scale"] for k in keys], np.float32)
-    return StudyIndex(store.path, keys, scale, fold_of[first][keep].astype(np.int8))
+    height, width = store.train_size
+    return StudyIndex(store.path, height, width, keys, scale, fold_of[first][keep].astype(np.int8))
 
 
 class StudyDataset(torch.utils.data.Dataset):
@@ -93,7 +102,7 @@ class StudyDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if self._store is None:  # opened lazily: each DataLoader worker gets its own handle
             self._store = Store.open(self.index.store_path)
-        g = self._store.study(self.index.keys[i])
+        g = self._store.study(self.index.study_keys[i])
         x = normalise(g["train_image"][...], self.index.scale[i])[None]
         y = (g["train_labels"][...] > 0).astype(np.int64)[None]
         if self.flip_p and self.rng.random() < self.flip_p:

@@ -120,9 +120,9 @@ class _Source:
 
     def __init__(self, index: LesionIndex, cache: StudyCache, *, global_batch: int, world: int, rank: int,
                  seed: int, shuffle: bool, flip_p: float, start_epoch: int, start_step: int):
-        self.study = index.study
-        self.lesion_id = index.lesion_id
-        self.label = index.label
+        self.study = getattr(index, "study", None)        # a StudyIndex's sample i is study i
+        self.lesion_id = getattr(index, "lesion_id", None)
+        self.label = getattr(index, "label", None)
         self.n = len(index)
         self.cache = cache
         self.args = dict(global_batch=global_batch, world=world, rank=rank, seed=seed, shuffle=shuffle, flip_p=flip_p)
@@ -158,6 +158,44 @@ class _Source:
                 [np.array(self.label[i], np.float32) for i in idx],
                 [np.array(v, np.float32) for v in valid],
                 [np.array(i, np.int64) for i in idx])
+
+
+class _StudySource(_Source):
+    """Whole-study samples (the detector's): image, label map, flip, valid, index."""
+
+    def __call__(self, info):
+        epoch = self.start_epoch + info.epoch_idx
+        step = info.iteration + (self.start_step if info.epoch_idx == 0 else 0)
+        if step >= self.steps:
+            raise StopIteration
+        if self._arrays is None:
+            self._arrays = self.cache.arrays()
+        images, labels = self._arrays
+        idx, valid, flip = (a[step] for a in self.plan(epoch))
+        return ([np.asarray(images[s]) for s in idx], [np.asarray(labels[s]) for s in idx],
+                [np.array([f], np.int32) for f in flip], [np.array(v, np.float32) for v in valid],
+                [np.array(i, np.int64) for i in idx])
+
+
+def _study_pipeline(source: _StudySource, *, batch: int, height: int, width: int, device_id: int | None,
+                    workers: int, seed: int):
+    """(2, H, W) per study: the normalised image and its lesion target (label map > 0), each view
+    mirrored together by the flip flag; stock operators, on the GPU when a device is given."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=device_id, seed=seed, prefetch_queue_depth=2,
+                  py_num_workers=max(workers, 1), py_start_method="spawn", exec_dynamic=False)
+    def graph():
+        image, labels, flip, valid, index = fn.external_source(
+            source, num_outputs=5, batch=True, batch_info=True, parallel=workers > 0, layout=["HW", "HW", "", "", ""])
+        if device_id is not None:
+            image, labels = image.gpu(), labels.gpu()
+        x = fn.stack(image, (labels != 0) * 1.0, axis=0, axis_name="C")
+        x = fn.reshape(x, shape=[1, 2 * height, 2, width // 2], layout="CDHW")      # as in _pipeline
+        x = fn.flip(x, horizontal=fn.reshape(flip, shape=[]))
+        return fn.reshape(x, shape=[2, height, width], layout="CHW"), valid, index
+
+    return graph()
 
 
 def _pipeline(source: _Source, *, batch: int, channels: int, height: int, width: int, device_id: int | None,
@@ -208,6 +246,17 @@ class LesionLoader:
                  world: int = 1, rank: int = 0, device_id: int | None = None, workers: int = 2,
                  start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None,
                  fused: bool | None = None):
+        self._prepare(_Source, index, cache, global_batch, world, rank, seed, train, flip_p, start_epoch, start_step,
+                      device_id)
+        self.pipe = _pipeline(self.source, batch=self.batch, channels=index.channels, height=index.height,
+                              width=index.width, device_id=device_id, workers=workers,
+                              other_lesions_channel=index.other_lesions_channel, seed=seed,
+                              # fused=False runs the GPU graph's operators on the CPU (tests, bench)
+                              fused=device_id is None if fused is None else fused)
+        self.pipe.build()
+
+    def _prepare(self, source_type, index, cache, global_batch, world, rank, seed, train, flip_p, start_epoch,
+                 start_step, device_id) -> None:
         self.index = index
         self.own_cache = cache is None
         self.cache = cache or StudyCache.build(index)
@@ -215,18 +264,12 @@ class LesionLoader:
         self.steps = steps_per_epoch(len(index), global_batch)
         if not 0 <= start_step <= self.steps:
             raise UsageError(f"cannot resume at step {start_step}: an epoch has {self.steps} steps")
-        self.source = _Source(index, self.cache, global_batch=global_batch, world=world, rank=rank, seed=seed,
-                              shuffle=train, flip_p=flip_p if train else 0.0, start_epoch=start_epoch,
-                              start_step=start_step)
+        self.source = source_type(index, self.cache, global_batch=global_batch, world=world, rank=rank, seed=seed,
+                                  shuffle=train, flip_p=flip_p if train else 0.0, start_epoch=start_epoch,
+                                  start_step=start_step)
         self.device = torch.device(f"cuda:{device_id}") if device_id is not None else torch.device("cpu")
         self.epoch_number = start_epoch
         self.step = start_step
-        self.pipe = _pipeline(self.source, batch=self.batch, channels=index.channels, height=index.height,
-                              width=index.width, device_id=device_id, workers=workers,
-                              other_lesions_channel=index.other_lesions_channel, seed=seed,
-                              # fused=False runs the GPU graph's operators on the CPU (tests, bench)
-                              fused=device_id is None if fused is None else fused)
-        self.pipe.build()
 
     def __len__(self) -> int:
         return self.steps
@@ -271,6 +314,32 @@ class LesionLoader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class StudyLoader(LesionLoader):
+    """Whole-study batches for the detector: Batch.x is (b, 2, H, W), channel 0 the normalised image,
+    channel 1 the lesion target; Batch.y is empty. Same sharding, flips and resume as LesionLoader."""
+
+    def __init__(self, index, *, global_batch: int, train: bool, flip_p: float = 0.5, seed: int = 0,
+                 world: int = 1, rank: int = 0, device_id: int | None = None, workers: int = 2,
+                 start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None):
+        self._prepare(_StudySource, index, cache, global_batch, world, rank, seed, train, flip_p, start_epoch,
+                      start_step, device_id)
+        self.pipe = _study_pipeline(self.source, batch=self.batch, height=index.height, width=index.width,
+                                    device_id=device_id, workers=workers, seed=seed)
+        self.pipe.build()
+
+    def epoch(self):
+        while True:
+            try:
+                x, valid, index = self.pipe.run()
+            except StopIteration:
+                self.pipe.reset()
+                self.epoch_number += 1
+                self.step = 0
+                return
+            self.step += 1
+            yield Batch(self._to_torch(x), torch.zeros(0), _cpu(valid).clone(), _cpu(index).clone())
 
 
 def _cpu(tl) -> torch.Tensor:
