@@ -180,3 +180,25 @@ def test_the_dali_study_loader_gives_the_datasets_samples_with_the_same_flips(lo
             np.testing.assert_array_equal(x.numpy(), mirror_views(want))
             flips += 1
     assert 0 < flips < len(ix)
+
+
+def test_froc_from_gathered_counts_equals_froc_from_maps():
+    from wbs_dist.evaluate.detection import froc_from_counts, sensitivity_at
+
+    rng = np.random.default_rng(0)
+    truths, probs = [], []
+    for _ in range(5):
+        truth = np.zeros((24, 24), np.int32)
+        for lid in range(1, 4):
+            r, c = rng.integers(0, 20, 2)
+            truth[r:r + 3, c:c + 3] = lid
+        truths.append(truth)
+        probs.append(np.clip(rng.random((24, 24)) * 0.5 + (truth > 0) * rng.random(), 0, 1))
+    ts = (0.3, 0.6, 0.9)
+    counts = [[[m.found, m.lesions, m.false] for m in (match(components(p, t), y) for t in ts)]
+              for p, y in zip(probs, truths)]
+    assert froc_from_counts(np.array(counts), ts) == froc(probs, truths, ts)
+    pts = [{"sensitivity": 0.5, "fp_per_study": 1.0}, {"sensitivity": 0.9, "fp_per_study": 3.0},
+           {"sensitivity": 1.0, "fp_per_study": 3.5}]
+    assert sensitivity_at(pts, 3.0) == 0.9 and sensitivity_at(pts, 0.5) == 0.0
+    assert sensitivity_at([{"sensitivity": None, "fp_per_study": 0.0}], 3.0) is None

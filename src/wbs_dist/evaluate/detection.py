@@ -105,3 +105,20 @@ def choose_threshold(points: Sequence[dict], target: float = TARGET_SENSITIVITY)
     best = max(usable, key=lambda p: (p["sensitivity"], p["threshold"]))
     return best["threshold"], (f"threshold {best['threshold']:g}: no threshold reaches sensitivity {target:.0%} "
                                f"on the training folds; the highest sensitivity there ({best['sensitivity']:.1%})")
+
+
+def froc_from_counts(counts: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> list[dict]:
+    """FROC points from per-study counts (studies, thresholds, [found, lesions, false]): what ranks
+    gather instead of probability maps."""
+    counts = np.asarray(counts).reshape(-1, len(thresholds), 3)
+    return [point(float(t), [Match(int(l), int(f), int(x), 0) for f, l, x in counts[:, j]])
+            for j, t in enumerate(thresholds)]
+
+
+def sensitivity_at(points: Sequence[dict], fp_per_study: float) -> float | None:
+    """The highest sensitivity among the points with at most `fp_per_study` false positives a study
+    (0.0 when none has so few; None when there are no lesions)."""
+    usable = [p for p in points if p["sensitivity"] is not None]
+    if not usable:
+        return None
+    return max((p["sensitivity"] for p in usable if p["fp_per_study"] <= fp_per_study), default=0.0)

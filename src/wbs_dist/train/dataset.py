@@ -85,16 +85,21 @@ def lesion_index(store: Store, folds: Sequence[int], size: tuple[int, int],
                        rows["view"], rows["tumor_type"], rows["burden"])
 
 
-def fold_indices(store: Store, cfg: Config, fold: int) -> tuple[LesionIndex, LesionIndex]:
-    """(training, validation) lesions of fold `fold`: validation is the fold, training every other
-    fold but a nested run's outer fold (config key outer_fold), which this run never sees."""
+def training_folds(cfg: Config, fold: int) -> list[int]:
+    """The folds a fold trains on: every other fold but a nested run's outer fold (config key
+    outer_fold), which the run never sees."""
     if not 0 <= fold < cfg.folds:
         raise ConfigError(f"--fold {fold} out of range: config key 'folds' is {cfg.folds} (0..{cfg.folds - 1})")
     if cfg.outer_fold >= cfg.folds or cfg.outer_fold == fold:
         raise ConfigError(f"config key 'outer_fold' ({cfg.outer_fold}): must be -1 or another fold than --fold "
                           f"{fold} among 0..{cfg.folds - 1}")
-    others = [f for f in range(cfg.folds) if f not in (fold, cfg.outer_fold)]
-    return (lesion_index(store, others, cfg.train_size, cfg.other_lesions_channel),
+    return [f for f in range(cfg.folds) if f not in (fold, cfg.outer_fold)]
+
+
+def fold_indices(store: Store, cfg: Config, fold: int) -> tuple[LesionIndex, LesionIndex]:
+    """(training, validation) lesions of fold `fold`: validation is the fold, training its
+    training_folds."""
+    return (lesion_index(store, training_folds(cfg, fold), cfg.train_size, cfg.other_lesions_channel),
             lesion_index(store, [fold], cfg.train_size, cfg.other_lesions_channel))
 
 

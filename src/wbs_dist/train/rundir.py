@@ -59,6 +59,14 @@ def at_work(method):
 METRICS_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "seconds", "samples_per_s")
 
 
+def metrics_columns(history: list[dict]) -> list[str]:
+    """metrics.csv's columns: the classifier's (METRICS_COLUMNS), or the keys of another task's rows
+    in the same order of kinds (epoch, losses, the task's validation metrics, lr, time)."""
+    if not history or all(c in history[0] for c in METRICS_COLUMNS):
+        return list(METRICS_COLUMNS)
+    return list(history[0])
+
+
 @dataclass
 class FoldResult:
     fold: int
@@ -139,7 +147,8 @@ class FoldDir:
         dump_config(cfg, self.config)
 
     def write_metrics(self, history: list[dict]) -> None:
-        write_csv(self.metrics, METRICS_COLUMNS, [[h.get(c) for c in METRICS_COLUMNS] for h in history])
+        cols = metrics_columns(history)
+        write_csv(self.metrics, cols, [[h.get(c) for c in cols] for h in history])
 
     def write_predictions(self, rows: list[list]) -> Path:
         write_csv(self.predictions, PREDICTION_COLUMNS, rows)

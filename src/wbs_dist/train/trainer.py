@@ -23,26 +23,20 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wbs_dist.config import Config, resume_differences
 from wbs_dist.data.folds import check_folds, check_split, has_folds, split_fingerprint, write_folds
-from wbs_dist.data.store import Store, int_to_key
+from wbs_dist.data.store import Store
 from wbs_dist.errors import ConfigError, UsageError
 from wbs_dist.lock import Locked
-from wbs_dist.schema import TUMOR_TYPES, VIEWS
 from wbs_dist.train import ddp
 from wbs_dist.train.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionFlag, apply_state, capture_rng_state,
                                        load_checkpoint, make_state, restore_rng_state, save_checkpoint,
                                        unwrap_model)
-from wbs_dist.train.dataset import LesionIndex, fold_indices
-from wbs_dist.train.loader import LesionLoader
-from wbs_dist.train.models import AUX_LOSS_WEIGHT, build_model, split_logits
 from wbs_dist.train.rundir import FoldDir, FoldResult, OwnRecords, at_work
+from wbs_dist.train.tasks import make_task
 
 log = logging.getLogger("wbs_dist.train")
 
@@ -108,10 +102,10 @@ class FoldTrainer:
             torch.use_deterministic_algorithms(True)
         store = Store.open(cfg.store)
         self.cfg = cfg = prepare_folds(store, cfg, env)
-        self.train_index, self.val_index = fold_indices(store, cfg, self.fold)
+        self.task = make_task(cfg, store, self.fold, self.device, env.world_size, env.rank)
+        self.train_index, self.val_index = self.task.train_index, self.task.val_index
 
-        model = build_model(cfg.model, self.train_index.channels, cfg.weights,
-                            input_size=tuple(cfg.train_size)).to(self.device)
+        model = self.task.model().to(self.device)
         if self.cuda and env.world_size > 1:
             # The study's batch 8 spread over GPUs leaves 1-2 samples a GPU: batch statistics must be
             # the global batch's. (SyncBatchNorm is CUDA-only; on CPUs see _sync_buffers.)
@@ -124,9 +118,6 @@ class FoldTrainer:
         self.steps_per_epoch = max(1, steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_factor(cfg, step / self.steps_per_epoch))
-        pos = self.train_index.label.sum()
-        neg = len(self.train_index) - pos
-        self.pos_weight = torch.tensor(neg / max(pos, 1.0) if cfg.class_weighting else 1.0, device=self.device)
 
         # Resume: everything above is built first, the state applied last (checkpoint.apply_state).
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -159,14 +150,8 @@ class FoldTrainer:
             self.ddp = self.model
         self.step_model = torch.compile(self.ddp) if (self.cuda and cfg.compile) else self.ddp
 
-        device_id = self.device.index if self.cuda else None
-        self.train_loader = LesionLoader(
-            self.train_index, global_batch=cfg.batch_size, train=True, flip_p=cfg.flip_p, seed=cfg.seed,
-            world=env.world_size, rank=env.rank, device_id=device_id, workers=cfg.num_workers,
-            start_epoch=self.epoch, start_step=self.step_in_epoch)
-        self.val_loader = LesionLoader(
-            self.val_index, global_batch=cfg.batch_size, train=False, seed=cfg.seed, world=env.world_size,
-            rank=env.rank, device_id=device_id, workers=cfg.num_workers)
+        self.train_loader, self.val_loader = self.task.loaders(self.device.index if self.cuda else None, self.epoch,
+                                                               self.step_in_epoch)
 
     def _check_resumable(self, state: dict, store: Store) -> None:
         saved = dict(state["config"])
@@ -184,25 +169,14 @@ class FoldTrainer:
                               f"those values")
 
     # -- steps --------------------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-        per = F.binary_cross_entropy_with_logits(logits.float().view(-1), y, pos_weight=self.pos_weight,
-                                                 reduction="none")
-        # Sum over this rank's real samples, divided by the real samples of the whole global batch (x
-        # world, as DDP averages gradients over ranks): padding never counts, every real sample
-        # weighs the same whatever rank it landed on.
-        return (per * valid).sum() * self.env.world_size / n_valid.clamp(min=1)
-
     def _train_step(self, batch) -> float:
-        x = batch.x.to(self.device, non_blocking=True)
+        x = self.task.inputs(batch).to(self.device, non_blocking=True)
         if self.cuda and self.cfg.bf16:
             x = x.contiguous(memory_format=torch.channels_last)
-        y, valid = batch.y.to(self.device), batch.valid.to(self.device)
+        valid = batch.valid.to(self.device)
         n_valid = ddp.all_reduce_sum_(valid.sum().detach())
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.cfg.bf16):
-            main, aux = split_logits(self.step_model(x))
-            loss = self._loss(main, y, valid, n_valid)
-            if aux is not None:
-                loss = loss + AUX_LOSS_WEIGHT * self._loss(aux, y, valid, n_valid)
+            loss = self.task.loss(self.step_model(x), batch, valid, n_valid)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:
@@ -211,34 +185,26 @@ class FoldTrainer:
         self.scheduler.step()
         return float(loss.detach()) * float(n_valid) / self.env.world_size
 
+    def _forward(self, x: torch.Tensor):
+        """The model on a validation batch, as in training (device, memory format, autocast)."""
+        x = x.to(self.device)
+        if self.cuda and self.cfg.bf16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.cfg.bf16):
+            return self.model(x)
+
     @torch.no_grad()
-    def _validate(self) -> dict:
+    def _validate(self, final: dict | None = None) -> dict:
+        """The task's validation (or, given the final epoch's, its final outputs: the detector's
+        threshold on the training folds) on every rank, in eval mode."""
         # Every rank validates with rank 0's BatchNorm statistics: DDP broadcasts them before each
         # forward, so rank 0's are the run's; without this, each rank would use its own last update.
         ddp.broadcast_buffers(self.model)
         self.model.eval()
-        idx, scores, losses = [], [], []
-        for batch in self.val_loader.epoch():
-            x = batch.x.to(self.device)
-            if self.cuda and self.cfg.bf16:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.cfg.bf16):
-                main, _ = split_logits(self.model(x))
-            main = main.float().view(-1).cpu()
-            keep = batch.valid.bool()
-            idx.append(batch.index[keep].numpy())
-            scores.append(torch.sigmoid(main[keep]).numpy())
-            losses.append(F.binary_cross_entropy_with_logits(main[keep], batch.y[keep], reduction="none").numpy())
-        self.model.train()
-        idx, scores, losses = ddp.gather_arrays([np.concatenate(idx), np.concatenate(scores), np.concatenate(losses)])
-        order = np.argsort(idx, kind="stable")
-        idx, scores, losses = idx[order], scores[order], losses[order]
-        labels = self.val_index.label[idx]
-        from sklearn.metrics import roc_auc_score
-
-        auc = float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else None
-        acc = float(((scores >= 0.5) == (labels == 1)).mean())
-        return {"index": idx, "scores": scores, "val_loss": float(losses.mean()), "val_auc": auc, "val_accuracy": acc}
+        try:
+            return self.task.final(self._forward, final) if final else self.task.validate(self._forward, self.val_loader)
+        finally:
+            self.model.train()
 
     # -- files --------------------------------------------------------------------------------------
     def _save_best(self) -> None:
@@ -259,15 +225,6 @@ class FoldTrainer:
                            loader_position={"epoch": self.epoch, "step": self.step_in_epoch})
         state["extra"] = {"history": self.history, "best_auc": self.best_auc, "rng_ranks": ranks, "split": self.cfg.split}
         save_checkpoint(self.files.path / name, state)
-
-    def _write_predictions(self, val: dict) -> Path:
-        ix: LesionIndex = self.val_index
-        rows = []
-        for i, score in zip(val["index"], val["scores"]):
-            rows.append([int_to_key(ix.patient[i]), ix.study_keys[ix.study[i]], int(ix.lesion_id[i]),
-                         VIEWS[ix.view[i]], self.fold, int(ix.label[i]), f"{float(score):.6f}",
-                         TUMOR_TYPES[ix.tumor_type[i]], int(ix.burden[i])])
-        return self.files.write_predictions(rows)
 
     # -- the loop -----------------------------------------------------------------------------------
     # -- the loop, in pieces a scheduler can interleave (tune trains five folds epoch by epoch) --------
@@ -294,8 +251,9 @@ class FoldTrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.dir), purge_step=self.global_step)
-            log.info("fold %d: %d training lesions, %d validation lesions, %d steps an epoch, %s x %d rank(s)",
-                     self.fold, len(self.train_index), len(self.val_index), self.steps_per_epoch,
+            log.info("fold %d: %d training %s, %d validation %s, %d steps an epoch, %s x %d rank(s)",
+                     self.fold, len(self.train_index), self.task.unit, len(self.val_index), self.task.unit,
+                     self.steps_per_epoch,
                      self.device.type, self.env.world_size)
 
     @at_work
@@ -323,26 +281,27 @@ class FoldTrainer:
         if self.env.world_size > 1:
             train_loss = ddp.all_reduce_mean(train_loss)
         row = {"epoch": self.epoch, "train_loss": round(train_loss, 6), "val_loss": round(val["val_loss"], 6),
-               "val_auc": None if val["val_auc"] is None else round(val["val_auc"], 6),
-               "val_accuracy": round(val["val_accuracy"], 6), "lr": self.scheduler.get_last_lr()[0],
+               **{k: None if v is None else round(v, 6) for k, v in val["row"].items()},
+               "lr": self.scheduler.get_last_lr()[0],
                "seconds": round(seconds, 3), "samples_per_s": round(n_seen * self.env.world_size / seconds, 2)}
         self.history.append(row)
         self.epoch += 1
         self.step_in_epoch = 0
         if main:
-            for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "lr", "samples_per_s"):
+            for key in ("train_loss", "val_loss", *val["row"], "lr", "samples_per_s"):
                 if row[key] is not None:
                     self.writer.add_scalar(key, row[key], self.global_step)
             self.writer.flush()
             self.files.write_metrics(self.history)
-        if val["val_auc"] is not None and val["val_auc"] > self.best_auc:
-            self.best_auc = val["val_auc"]
+        metric = row[self.task.metric]
+        if metric is not None and metric > self.best_auc:
+            self.best_auc = metric
             self._save_best()
         self._save("last.pt")
         if main:
-            log.info("fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %s, %.1f samples/s",
-                     self.fold, self.epoch, self.cfg.epochs, row["train_loss"], row["val_loss"],
-                     "n/a" if row["val_auc"] is None else f"{row['val_auc']:.4f}", row["samples_per_s"])
+            log.info("fold %d epoch %d/%d: train loss %.4f, val loss %.4f, %s %s, %.1f samples/s",
+                     self.fold, self.epoch, self.cfg.epochs, row["train_loss"], row["val_loss"], self.task.metric,
+                     "n/a" if metric is None else f"{metric:.4f}", row["samples_per_s"])
         ddp.barrier()
         return row
 
@@ -350,11 +309,12 @@ class FoldTrainer:
     def finish(self) -> FoldResult:
         """Final predictions and done.json (the fold counts as finished from then on)."""
         val = self.last_val or self._validate()    # None when resumed after the last epoch's checkpoint
+        val = self._validate(final=val)
         if self.env.is_main:
-            predictions = self._write_predictions(val)
+            outputs = self.task.write_outputs(val, self.files)
             self.files.write_done(self.epoch, val["val_auc"], val["val_loss"], len(self.val_index), self.cfg.split)
-            log.info("fold %d finished: val AUC %s (final epoch), predictions %s", self.fold,
-                     val["val_auc"], predictions)
+            log.info("fold %d finished: %s %s (final epoch), %s", self.fold, self.task.metric,
+                     val["row"][self.task.metric], outputs)
         ddp.barrier()
         return FoldResult(self.fold, self.dir, self.epoch, val["val_auc"], val["val_loss"], self.files.predictions)
 
