@@ -89,3 +89,26 @@ def test_a_detector_model_needs_task_detect_and_back(loader_store, tmp_path):
     r = run_cli("train", ROOT / "configs" / "local.yaml", "--fold", "0", f"store={loader_store}",
                 f"run_dir={tmp_path}", "train_size=64x32", "folds=3", "task=detect", "model=resnet18")
     assert r.returncode == 2 and "set task=classify" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_cv_of_a_detector_pools_the_folds_at_their_own_thresholds(loader_store, tmp_path):
+    """`wbs-dist cv` with task=detect: three folds, the detection block of metrics.json summed by hand
+    from the folds' detection.json, and the FROC plot."""
+    r = run_cli("cv", ROOT / "configs" / "local.yaml", f"store={loader_store}", f"run_dir={tmp_path}",
+                "train_size=64x32", "folds=3", "task=detect", "model=unet_small", "weights=none", "epochs=1",
+                "batch_size=4", "num_workers=0", "checkpoint_every=0", timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "false positives per study" in r.stdout
+    folds = [json.loads((tmp_path / f"fold{k}" / "detection.json").read_text()) for k in range(3)]
+    det = json.loads((tmp_path / "report" / "metrics.json").read_text())["detection"]
+    at = [f["at_threshold"] for f in folds]
+    found, lesions = sum(a["found"] for a in at), sum(a["lesions"] for a in at)
+    false, studies = sum(a["false"] for a in at), sum(a["studies"] for a in at)
+    assert det["pooled"]["sensitivity"] == pytest.approx(found / lesions)
+    assert det["pooled"]["fp_per_study"] == pytest.approx(false / studies)
+    assert {k: f["threshold"] for k, f in det["folds"].items()} == {str(k): f["threshold"] for k, f in enumerate(folds)}
+    first = det["froc"][0]
+    assert first["studies"] == studies and first["found"] == sum(f["froc"][0]["found"] for f in folds)
+    assert (tmp_path / "report" / "froc.png").stat().st_size > 1000
+    assert "Detection report" in (tmp_path / "report" / "report.html").read_text()

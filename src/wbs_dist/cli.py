@@ -105,6 +105,10 @@ def _cmd_cv(args) -> int:
     r = cross_validate(cfg, launcher=args.launcher)
     for run in r.runs:
         print(headline(run))
+    if r.detection:
+        p = r.detection["pooled"]
+        print(f"detection, pooled at each fold's threshold: sensitivity {100 * p['sensitivity']:.1f} % "
+              f"({p['found']}/{p['lesions']} lesions), {p['fp_per_study']:.2f} false positives per study")
     print(f"[cv] report: {r.report_dir / 'report.html'} (metrics: {r.report_dir / 'metrics.json'})")
     return EXIT_OK
 

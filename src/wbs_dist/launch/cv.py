@@ -27,9 +27,10 @@ LAUNCHERS = ("local", "slurm")
 
 @dataclass
 class CvResult:
-    predictions: Path                 # RUN_DIR/predictions.csv
+    predictions: Path | None          # RUN_DIR/predictions.csv (None for a detector: no lesion scores)
     report_dir: Path                  # RUN_DIR/report/
-    runs: list                        # evaluate.analysis.Run of the report (one)
+    runs: list                        # evaluate.analysis.Run of the report (one; none for a detector)
+    detection: dict | None = None     # a detector's metrics.json block (evaluate.detection_report)
 
 
 def collect_predictions(cfg: Config) -> Path:
@@ -86,9 +87,29 @@ def cross_validate(cfg: Config, launcher: str = "local") -> CvResult:
 
         run_folds_slurm(cfg)
     check_run_split(cfg, store)                  # a fold may have been trained elsewhere meanwhile
+    if cfg.task == "detect":
+        return _detection_report(cfg)
     predictions = collect_predictions(cfg)
     report_dir = Path(cfg.run_dir) / "report"
     # A config chosen by a sweep on these folds (tune's best.yaml) is graded on them: the report says so.
     provenance = {"text": cfg.selected_on, "selected_on_these_folds": True} if cfg.selected_on else None
     runs = write_report([predictions], out=report_dir, threshold=0.5, provenance=provenance)
     return CvResult(predictions, report_dir, runs)
+
+
+def _detection_report(cfg: Config) -> CvResult:
+    """A detector run's report: every fold's detection.json (its FROC and the threshold its training
+    folds chose) pooled into RUN_DIR/report/."""
+    import json
+
+    from wbs_dist.evaluate.detection_report import write_detection_report
+
+    folds = {}
+    for k in range(cfg.folds):
+        fold = FoldDir.of(cfg, k)
+        if not fold.is_finished():
+            raise WbsError(f"fold {k} has not finished ({fold.path}): nothing to report yet")
+        folds[k] = json.loads((fold.path / "detection.json").read_text())
+    report_dir = Path(cfg.run_dir) / "report"
+    return CvResult(None, report_dir, [], write_detection_report(folds, report_dir))
+
