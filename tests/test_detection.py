@@ -28,6 +28,11 @@ def test_a_lesion_is_found_when_the_overlap_coefficient_exceeds_0_3():
     # A large component taking in the lesion (the joint under it): IoU 100/400 = 0.25, coefficient 1.
     big = square((20, 20), 0, 0, 20, 1)
     assert match(big, truth).found == 1
+    # A body-sized blob (over 10 times the lesion) finds nothing and is one false positive.
+    small = square((40, 40), 0, 0, 3, 1)                             # 9 px
+    assert (match(square((40, 40), 0, 0, 9, 1), small).found, match(square((40, 40), 0, 0, 10, 1), small).found) \
+        == (1, 0)
+    assert match(square((40, 40), 0, 0, 10, 1), small).false == 1
 
 
 def test_hand_counted_study_with_touching_lesions_and_false_components():

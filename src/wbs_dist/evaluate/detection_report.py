@@ -39,7 +39,8 @@ def detection_summary(folds: dict[int, dict]) -> dict:
     return {"folds": per_fold, "pooled": pooled, "froc": froc,
             "target_sensitivity": next(iter(folds.values()))["target_sensitivity"],
             "method": "a lesion is found when a component of the thresholded probability map (8-connected) "
-                      "overlaps it with overlap coefficient > 0.3; a component finding no lesion is a false "
+                      "overlaps it with overlap coefficient > 0.3 and is at most 10 times its area; a component "
+                      "finding no lesion is a false "
                       "positive; each fold's threshold is the highest reaching the target sensitivity on its "
                       "training folds (evaluate/detection.py)"}
 
@@ -62,6 +63,7 @@ def froc_figure(summary: dict, classical: Sequence[tuple[str, float, float]] = (
     ax.set_ylabel("lesion sensitivity")
     ax.set_ylim(0, 1.02)
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title("FROC, validation folds")
     fig.tight_layout()
