@@ -435,3 +435,82 @@ def test_a_store_re_split_since_the_run_is_refused(loader_store, run_dir, tmp_pa
                               str(tmp_path / "p.csv"), "--store", str(store), "--workers", "0"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "the split changed" in r.stderr, r.stderr
+
+
+# -- learned candidates: the detector ensemble proposes the lesions of studies without delineations -----
+@pytest.fixture(scope="module")
+def detector_dir(loader_store, tmp_path_factory):
+    """Detector fold0 trained for one epoch; fold1 a copy (the ensemble's mean and median are then its own)."""
+    from wbs_dist.train.trainer import train_fold
+
+    run = tmp_path_factory.mktemp("detector") / "run"
+    cfg = load_config(ROOT / "configs" / "local.yaml",
+                      [f"store={loader_store}", f"run_dir={run}", "train_size=64x32", "folds=3", "epochs=1",
+                       "task=detect", "model=unet_small", "weights=none", "batch_size=4", "lr=3e-3",
+                       "num_workers=0", "checkpoint_every=0"])
+    train_fold(cfg, 0)
+    shutil.copytree(run / "fold0", run / "fold1", ignore=shutil.ignore_patterns("*.lock", "events.*"))
+    return run
+
+
+def test_studies_without_annotations_are_scored_on_the_detectors_components(synth_archive, run_dir, detector_dir,
+                                                                            tmp_path):
+    import json
+
+    from wbs_dist.data.studies import StudySource, group_studies, patient_id_of
+    from wbs_dist.data.workers import StudyPool, assemble
+    from wbs_dist.evaluate.detection import components
+    from wbs_dist.infer.ensemble import Ensemble
+    from wbs_dist.preprocess import count_scale, normalise, training_level
+
+    # Annotated studies keep their annotations, with a detector at hand too.
+    annotated = score_archive(synth_archive, run_dir, tmp_path / "a.csv", workers=0, detector=detector_dir)
+    assert {s["source"] for s in rows_of(tmp_path / "a.summary.csv")} == {"annotated"} and not annotated.errors
+    # The same archive without its delineations (DICOM only): all learned.
+    bare = tmp_path / "dicom-only"
+    shutil.copytree(synth_archive, bare, ignore=shutil.ignore_patterns("annotations.csv", "masks"))
+    out = tmp_path / "pred.csv"
+    r = score_archive(bare, run_dir, out, workers=2, batch=16, detector=detector_dir,
+                      overlays=tmp_path / "overlays")
+    assert not r.errors
+    summary = {s["study_uid"]: s for s in rows_of(out.with_name("pred.summary.csv"))}
+    pred = rows_of(out)
+    assert {s["source"] for s in summary.values()} == {"learned"} and len(summary) == 12
+    threshold = json.loads((detector_dir / "fold0" / "detection.json").read_text())["threshold"]
+    decoded = {}
+    with StudySource.open(bare, None) as source, StudyPool(source, 0, {}) as pool:
+        for uid, objs in group_studies(pool.headers(source.members), []).items():
+            data, _ = pool.submit(assemble, source.job(uid, patient_id_of(objs), uid, objs)).result()
+            decoded[uid] = data.views
+    det = Ensemble(detector_dir, task="detect")
+    checked = 0
+    for uid, s in summary.items():
+        rows = [p for p in pred if p["study_uid"] == uid]
+        assert int(s["lesions"]) == len(rows)
+        if s["source"] != "learned":
+            continue
+        assert all(p["label"] == "" and p["view"] in ("anterior", "posterior") for p in rows)
+        # The lesions are the components of the detector's map at its training-chosen threshold,
+        # counted per view's half (the study decoded here in-process, apart from the scorer's workers).
+        views = decoded[uid]
+        if set(views) != {"anterior", "posterior"}:
+            continue
+        image, _ = training_level({v: views[v].astype(np.float32) for v in views}, {}, 64, 32)
+        prob, cut = det.maps(normalise(image, np.float32(count_scale(image)))[None, None])
+        assert cut == threshold
+        expect = sum(int(components(prob[0][:, h * 16:(h + 1) * 16], cut).max()) for h in (0, 1))
+        assert len(rows) == expect, uid
+        checked += 1
+    assert checked >= 6
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == len(summary)
+    # --candidates classical keeps the finder; learned without a detector is a usage error.
+    classical = score_archive(bare, run_dir, tmp_path / "c.csv", workers=0, detector=detector_dir,
+                              candidates_from="classical")
+    assert not classical.errors
+    assert {s["source"] for s in rows_of(tmp_path / "c.summary.csv")} == {"candidates"}
+    from wbs_dist.errors import UsageError
+
+    with pytest.raises(UsageError, match="learned"):
+        score_archive(synth_archive, run_dir, tmp_path / "d.csv", candidates_from="learned")
+    with pytest.raises(UsageError, match="holds detect folds"):
+        score_archive(synth_archive, detector_dir, tmp_path / "e.csv")

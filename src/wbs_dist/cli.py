@@ -196,7 +196,7 @@ def _cmd_score(args) -> int:
                       overlays=args.overlays, workers=args.workers, batch=args.batch,
                       annotations=args.annotations, part_size=args.part_size,
                       max_object_mb=args.max_object_mb, max_views=args.max_views, store=args.store,
-                      secret_file=args.secret_file)
+                      secret_file=args.secret_file, detector=args.detector, candidates_from=args.candidates)
     if r.unrecognised:
         print(f"WARNING: patients the run trained on cannot be recognised ({r.unrecognised}). Any of them in this "
               "archive were scored by models that trained on them: their scores are in-sample, not an estimate "

@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fold", type=int, default=None, metavar="K",
                    help="score with fold K only (default: every finished fold); known patients of other "
                    "folds are then listed as not scored")
+    s.add_argument("--detector", type=Path, default=None, metavar="RUN_DIR",
+                   help="a run of task=detect folds: studies without annotations get the detector ensemble's "
+                   "lesions (mean map, the folds' training-chosen threshold, components) instead of the "
+                   "classical hot-spot finder's")
+    s.add_argument("--candidates", choices=("learned", "classical"), default=None,
+                   help="where a study without annotations gets its lesions (default: learned with --detector, "
+                   "else classical)")
     s.add_argument("--store", type=Path, default=None,
                    help="the run's store, to recognise patients it trained on (default: the run's config key "
                    "'store')")

@@ -8,6 +8,7 @@ infer/ (the decoding workers) must not import it, so this module is imported by 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from wbs_dist.errors import UsageError
 from wbs_dist.infer.known import ENSEMBLE
 from wbs_dist.preprocess import input_channels
 from wbs_dist.train.checkpoint import load_checkpoint
+from wbs_dist.train.detector import build_detector
 from wbs_dist.train.models import build_model, split_logits
 from wbs_dist.train.rundir import FoldDir, fold_dirs
 
@@ -27,7 +29,7 @@ log = logging.getLogger("wbs_dist.score")
 
 def shape(cfg: Config) -> tuple:
     """What must agree between the folds of one ensemble."""
-    return cfg.model, tuple(cfg.train_size), cfg.other_lesions_channel
+    return cfg.task, cfg.model, tuple(cfg.train_size), cfg.other_lesions_channel
 
 
 def finished_folds(run_dir: Path, fold: int | None = None) -> tuple[list[FoldDir], Config]:
@@ -65,10 +67,19 @@ def finished_folds(run_dir: Path, fold: int | None = None) -> tuple[list[FoldDir
 
 
 class Ensemble:
-    """The finished folds of a run directory: mean probability of malignancy over folds."""
+    """The finished folds of a run directory: mean probability of malignancy over folds (task
+    classify), or mean lesion probability map over folds (task detect, `maps`)."""
 
-    def __init__(self, run_dir: Path, fold: int | None = None, device: str | None = None):
+    def __init__(self, run_dir: Path, fold: int | None = None, device: str | None = None, task: str = "classify"):
         finished, self.config = finished_folds(run_dir, fold)
+        if self.config.task != task:
+            raise UsageError(f"{run_dir} holds {self.config.task} folds ({self.config.model}), not {task}: "
+                             + ("pass the classifier's run as --run and the detector's as --detector"
+                                if task == "detect" or self.config.task == "detect" else ""))
+        self.split = finished[0].split()
+        # A detector fold's operating threshold was chosen on its training folds (detection.json).
+        self.thresholds = {f.fold: json.loads((f.path / "detection.json").read_text())["threshold"]
+                           for f in finished} if task == "detect" else {}
         self.folds = [f.fold for f in finished]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.models = []
@@ -77,7 +88,8 @@ class Ensemble:
             state = load_checkpoint(f.last)
             if state is None:
                 raise UsageError(f"{f.path}: done.json but no last.pt")
-            model = build_model(self.config.model, self.channels, "none", input_size=self.size)
+            model = (build_detector(self.config.model) if task == "detect" else
+                     build_model(self.config.model, self.channels, "none", input_size=self.size))
             model.load_state_dict(state["model"])
             for name, tensor in state["model"].items():
                 digest.update(name.encode())
@@ -121,3 +133,20 @@ class Ensemble:
                 total[index] += torch.sigmoid(main.float().view(-1)).double()
                 count[rows] += 1
         return total.cpu().numpy() / count
+
+    def maps(self, x: np.ndarray, fold: int = ENSEMBLE) -> tuple[np.ndarray, float]:
+        """A detector's (N, H, W) lesion probability, the mean over every fold (or `fold`'s alone),
+        and the threshold to cut it at: that fold's, or the median of the folds' (each chosen on its
+        training folds)."""
+        models = list(zip(self.folds, self.models)) if fold == ENSEMBLE else \
+            [(k, m) for k, m in zip(self.folds, self.models) if k == fold]
+        if not models:
+            raise ValueError(f"fold {fold} is not in this ensemble ({self.folds})")
+        batch = torch.from_numpy(x).to(self.device)
+        total = torch.zeros((len(x), *x.shape[2:]), dtype=torch.float64, device=self.device)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            for _, model in models:
+                total += torch.softmax(model(batch).float(), dim=1)[:, 1].double()
+        threshold = float(np.median([self.thresholds[k] for k, _ in models]))
+        return (total / len(models)).cpu().numpy(), threshold
+

@@ -61,7 +61,7 @@ from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Bud
                                    group_studies, in_archive_order, patient_id_of)
 from wbs_dist.data.workers import StudyPool, assemble, worker_state
 from wbs_dist.errors import UsageError
-from wbs_dist.infer import candidates
+from wbs_dist.infer import candidates, learned
 from wbs_dist.infer.ensemble import finished_folds
 from wbs_dist.infer.known import ENSEMBLE, known_patients
 from wbs_dist.infer.parts import PART_FORMAT, Parts, errors_path, merge, parse_shard, shard_of, summary_path
@@ -99,13 +99,14 @@ class Scan:
     image: np.ndarray
     scale: float
     labels: np.ndarray
+    slots: dict[str, str] = field(default_factory=dict)     # half of the image (VIEWS) -> the view in it
 
 
 @dataclass
 class StudyResult:
     uid: str
     patient_id: str
-    source: str = ""                                   # annotated | candidates
+    source: str = ""                                   # annotated | candidates (classical) | learned
     tumor_type: str = ""
     views: list[str] = field(default_factory=list)
     scans: list[Scan] = field(default_factory=list)
@@ -126,6 +127,8 @@ def _study_task(job: StudyJob) -> StudyResult:
         labels = data.labels
         lesions = [(les["lesion_id"], les["view"], str(LABEL_CODES[les["label"]]))
                    for les in data.attrs["lesions"]]
+    elif worker_state()["candidates"] == "learned":
+        res.source, labels, lesions = "learned", {}, []       # the main process runs the detector (learned.py)
     else:
         res.source = "candidates"
         labels, regions = candidates.find_candidates(views)
@@ -143,7 +146,7 @@ def _study_task(job: StudyJob) -> StudyResult:
     for group in groups:
         image, lab = training_level({slot: views[v] for slot, v in group.items()},
                                     {slot: labels[v] for slot, v in group.items() if v in labels}, height, width)
-        res.scans.append(Scan(image, count_scale(image), lab))
+        res.scans.append(Scan(image, count_scale(image), lab, dict(group)))
     res.lesions = [(lid, view, label, slots[view]) for lid, view, label in lesions]
     if worker_state()["overlays"]:
         res.native, res.native_labels = views, labels
@@ -206,10 +209,13 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                   shard: tuple[int, int] | str | None = None, overlays: Path | None = None, workers: int = 2,
                   batch: int = 32, annotations: Path | None = None, part_size: int = 64,
                   max_object_mb: float = DEFAULT_MAX_OBJECT_MB, max_views: int = DEFAULT_MAX_VIEWS,
-                  store: Path | None = None, secret_file: Path | None = None) -> ScoreResult:
+                  store: Path | None = None, secret_file: Path | None = None, detector: Path | None = None,
+                  candidates_from: str | None = None) -> ScoreResult:
     """Score `archive` with the run's fold models into OUT (or, with a shard, into OUT's parts).
     Studies of patients in the run's store (`store`, default the run's config key) are scored by
-    their validation fold's model only (known.py); `secret_file` as ingest's."""
+    their validation fold's model only (known.py); `secret_file` as ingest's. Studies without
+    annotations get candidates from `detector` (a run of task=detect folds: learned.py) or the
+    classical finder; `candidates_from` ('learned' | 'classical') chooses explicitly."""
     from wbs_dist.infer.ensemble import Ensemble     # torch: the main process only
 
     out = Path(out)
@@ -219,6 +225,9 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out {out}: expected a .csv path (summary and errors are written beside it)")
     finished, config = finished_folds(run, fold)
+    candidates_from = candidates_from or ("learned" if detector is not None else "classical")
+    if candidates_from not in ("learned", "classical") or (candidates_from == "learned" and detector is None):
+        raise UsageError(f"--candidates {candidates_from}: 'classical', or 'learned' with --detector RUN_DIR")
     known = known_patients(store if store is not None else config.store, finished[0].split(), secret_file)
     mine = (lambda key: True) if shard is None else (lambda key: shard_of(key, shard[1]) == shard[0])
     t0 = time.perf_counter()
@@ -228,15 +237,19 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
     with contextlib.ExitStack() as held:
         with StudySource.open(archive, annotations, budgets) as source:
             errors = list(source.errors)
-            extra = {"size": tuple(config.train_size), "overlays": overlays is not None}
+            extra = {"size": tuple(config.train_size), "overlays": overlays is not None, "candidates": candidates_from}
             with StudyPool(source, workers, extra) as pool:
                 # The workers start and read headers while this process loads the models.
                 headers = pool.headers(source.members)
                 ensemble = Ensemble(run, fold)
+                ensemble.detector = None
+                if candidates_from == "learned":
+                    ensemble.detector = _detector(detector, fold, ensemble, config)
                 fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
                                "annotations": str(Path(annotations).resolve()) if annotations else None,
                                "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS,
-                               "known": known.fingerprint()}
+                               "known": known.fingerprint(), "from": candidates_from,
+                               "detector": ensemble.detector.fingerprint() if ensemble.detector else None}
                 out.parent.mkdir(parents=True, exist_ok=True)
                 parts = Parts(out, fingerprint, "all" if shard is None else f"{shard[0]}of{shard[1]}")
                 parts.open()
@@ -246,9 +259,10 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                 errors = [e for e in errors if mine(e[0])]
                 done = parts.records()
                 folds = {uid: known.fold_of(patient_id_of(objs), uid) for uid, objs in studies.items() if mine(uid)}
-                errors += _not_out_of_fold(studies, folds, ensemble.folds, run)
+                have = [k for k in ensemble.folds if ensemble.detector is None or k in ensemble.detector.folds]
+                errors += _not_out_of_fold(studies, folds, have, run)
                 jobs = [source.job(uid, patient_id_of(objs), uid, objs) for uid, objs in in_archive_order(studies)
-                        if mine(uid) and uid not in done and folds[uid] in (ENSEMBLE, *ensemble.folds)]
+                        if mine(uid) and uid not in done and folds[uid] in (ENSEMBLE, *have)]
                 with _cpu_threads(ensemble.device.type, workers):
                     scored, lesions = _score_jobs(pool, jobs, ensemble, batch, parts, part_size, overlays, errors,
                                                   workers, folds)
@@ -263,6 +277,19 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
             merged = merge([records[u] for u in studies if u in records], out)
     return ScoreResult(out, shard, scored, already, lesions, seconds, errors, err_path, merged,
                        sum(f != ENSEMBLE for f in folds.values()), known.unrecognised)
+
+
+def _detector(path: Path, fold: int | None, ensemble, config):
+    """The detector folds that propose learned candidates: of the classifier's size and split."""
+    from wbs_dist.infer.ensemble import Ensemble
+
+    det = Ensemble(path, fold, task="detect")
+    if tuple(det.size) != tuple(config.train_size):
+        raise UsageError(f"--detector {path}: trained at {det.size}, the classifier at {tuple(config.train_size)}")
+    if det.split and ensemble.split and det.split != ensemble.split:
+        raise UsageError(f"--detector {path} was trained on split {det.split}, the classifier --run on {ensemble.split}: "
+                         "the out-of-fold rule needs one split (train both on the same store's folds)")
+    return det
 
 
 def _not_out_of_fold(studies: dict, folds: dict[str, int], have: list[int], run: Path) -> list[tuple[str, str]]:
@@ -341,6 +368,12 @@ def _score_jobs(pool: StudyPool, jobs, ensemble, batch, parts: Parts, part_size,
             ready, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in ready:
                 res = fut.result()
+                if res.source == "learned" and not res.errors:
+                    shapes = {v: a.shape for v, a in (res.native or {}).items()}
+                    res.lesions, native_labels = learned.propose(ensemble.detector, res.scans, shapes,
+                                                                 folds.get(res.uid, ENSEMBLE))
+                    if res.native is not None:
+                        res.native_labels = native_labels
                 if res.errors:
                     errors.extend(res.errors)
                     bar.update(1)
