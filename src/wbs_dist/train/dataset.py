@@ -84,6 +84,15 @@ def lesion_index(store: Store, folds: Sequence[int], size: tuple[int, int],
                        rows["view"], rows["tumor_type"], rows["burden"])
 
 
+def fold_indices(store: Store, fold: int, k: int, size: tuple[int, int], other_lesions_channel: bool = True
+                 ) -> tuple[LesionIndex, LesionIndex]:
+    """(training, validation) lesions of fold `fold` of `k`: validation is the fold, training every
+    other fold. The trainer takes its indices from here, so the leakage test checks what it uses."""
+    others = [f for f in range(k) if f != fold]
+    return (lesion_index(store, others, size, other_lesions_channel),
+            lesion_index(store, [fold], size, other_lesions_channel))
+
+
 class LesionDataset(torch.utils.data.Dataset):
     """Reads each sample from the Zarr store: simple and slow; for inspection and evaluation."""
 

@@ -39,7 +39,7 @@ from wbs_dist.train import ddp
 from wbs_dist.train.checkpoint import (PREEMPTED_EXIT_CODE, PreemptionFlag, apply_state, capture_rng_state,
                                        load_checkpoint, make_state, restore_rng_state, save_checkpoint,
                                        unwrap_model)
-from wbs_dist.train.dataset import LesionIndex, lesion_index
+from wbs_dist.train.dataset import LesionIndex, fold_indices
 from wbs_dist.train.loader import LesionLoader
 from wbs_dist.train.models import AUX_LOSS_WEIGHT, build_model, split_logits
 from wbs_dist.train.rundir import FoldDir, FoldResult, OwnRecords, at_work
@@ -110,9 +110,8 @@ class FoldTrainer:
         self.cfg = cfg = prepare_folds(store, cfg, env)
         if not 0 <= self.fold < cfg.folds:
             raise ConfigError(f"--fold {self.fold} out of range: config key 'folds' is {cfg.folds} (0..{cfg.folds - 1})")
-        others = [f for f in range(cfg.folds) if f != self.fold]
-        self.train_index = lesion_index(store, others, cfg.train_size, cfg.other_lesions_channel)
-        self.val_index = lesion_index(store, [self.fold], cfg.train_size, cfg.other_lesions_channel)
+        self.train_index, self.val_index = fold_indices(store, self.fold, cfg.folds, cfg.train_size,
+                                                        cfg.other_lesions_channel)
 
         model = build_model(cfg.model, self.train_index.channels, cfg.weights,
                             input_size=tuple(cfg.train_size)).to(self.device)
