@@ -58,11 +58,35 @@ def test_local_cv_runs_every_fold_and_writes_the_report(cv_store, tmp_path):
     metrics = json.loads((tmp_path / "runs" / "report" / "metrics.json").read_text())
     assert sorted(metrics["lesion"]["folds"]) == ["0", "1", "2", "3", "4"]
     assert (tmp_path / "runs" / "report" / "report.html").exists()
-    rows = (tmp_path / "runs" / "predictions.csv").read_text().splitlines()
-    assert len(rows) - 1 == metrics["lesion"]["pooled"]["n"]
+    check_against_the_store(tmp_path / "runs" / "predictions.csv", cv_store, metrics)
     # A rerun finds every fold finished and only rebuilds the report.
     res = run_cli("cv", cfg, "--launcher", "local")
     assert res.returncode == 0 and res.stderr.count("already finished") == 5
+
+
+def check_against_the_store(predictions: Path, store_path: Path, metrics: dict) -> None:
+    """The CV predictions hold every lesion of the store's lesion table once, each fold's rows are
+    the patients of that fold of the store's split, and the report counted them all."""
+    import csv
+
+    from wbs_dist.data.folds import read_folds
+    from wbs_dist.data.store import Store, int_to_key
+
+    with predictions.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    store = Store.open(store_path)
+    table = store.lesion_table()
+    got = [(r["study_uid"], int(r["lesion_id"])) for r in rows]
+    want = {(int_to_key(s), int(le)) for s, le in zip(table["study"], table["lesion_id"])}
+    assert len(got) == len(set(got)), "a lesion predicted twice"
+    assert set(got) == want, f"missing {len(want - set(got))}, not in the store {len(set(got) - want)}"
+    patients, fold, _ = read_folds(store)
+    for k in range(5):
+        in_store = {int_to_key(p) for p in patients[fold == k]}
+        in_rows = {r["patient_id"] for r in rows if r["fold"] == str(k)}
+        assert in_rows == in_store, f"fold {k}: its predictions are not its patients"
+        assert metrics["lesion"]["folds"][str(k)]["n"] == sum(r["fold"] == str(k) for r in rows)
+    assert metrics["lesion"]["pooled"]["n"] == len(want)
 
 
 def _sacct_state(jobid: str) -> str:

@@ -33,7 +33,7 @@ def detect_fold(loader_store, tmp_path_factory):
 @pytest.mark.slow
 def test_a_detect_fold_writes_its_froc_and_a_threshold_chosen_on_the_training_folds(detect_fold, loader_store):
     from wbs_dist.data.store import Store
-    from wbs_dist.evaluate.detection import THRESHOLDS, choose_threshold
+    from wbs_dist.detection import THRESHOLDS, choose_threshold
     from wbs_dist.train.detector import study_index
 
     run, result = detect_fold

@@ -1,10 +1,10 @@
-"""Detection evaluation (evaluate/detection.py) against cases counted by hand: the overlap criterion,
+"""Detection evaluation (detection.py) against cases counted by hand: the overlap criterion,
 false positives, FROC points and the threshold chosen on training folds."""
 
 import numpy as np
 import pytest
 
-from wbs_dist.evaluate.detection import THRESHOLDS, choose_threshold, components, froc, match, point
+from wbs_dist.detection import THRESHOLDS, choose_threshold, components, froc, match, point
 
 
 def square(shape, r, c, size, value=1, out=None):
@@ -188,7 +188,7 @@ def test_the_dali_study_loader_gives_the_datasets_samples_with_the_same_flips(lo
 
 
 def test_froc_from_gathered_counts_equals_froc_from_maps():
-    from wbs_dist.evaluate.detection import froc_from_counts, sensitivity_at
+    from wbs_dist.detection import froc_from_counts, sensitivity_at
 
     rng = np.random.default_rng(0)
     truths, probs = [], []

@@ -139,6 +139,42 @@ def test_chi_square_hand_computed():
     assert len(notes) == 5 and all("expected count below 5" in n for n in notes)
 
 
+def _pearson(table):
+    """Pearson chi-square of a 2 x G table of counts by plain arithmetic: (chi2, df)."""
+    rows = [sum(r) for r in table]
+    cols = [sum(c) for c in zip(*table)]
+    n = sum(rows)
+    chi2 = sum((table[i][j] - rows[i] * cols[j] / n) ** 2 / (rows[i] * cols[j] / n)
+               for i in range(len(rows)) for j in range(len(cols)))
+    return chi2, (len(rows) - 1) * (len(cols) - 1)
+
+
+def test_chi_square_all_five_rates_by_hand():
+    from scipy.stats import chi2 as chi2_dist
+
+    groups = {"few": _counts(30, 10, 40, 20), "medium": _counts(25, 15, 20, 5), "extensive": _counts(12, 3, 30, 18)}
+    g = list(groups.values())
+    # Each rate's 2 x 3 table, built by hand from its definition: numerator row, complement row.
+    tables = {
+        "sensitivity": [[c["tp"] for c in g], [c["fn"] for c in g]],            # TP / (TP + FN)
+        "specificity": [[c["tn"] for c in g], [c["fp"] for c in g]],            # TN / (TN + FP)
+        "accuracy": [[c["tp"] + c["tn"] for c in g], [c["fp"] + c["fn"] for c in g]],
+        "ppv": [[c["tp"] for c in g], [c["fp"] for c in g]],                    # TP / (TP + FP)
+        "npv": [[c["tn"] for c in g], [c["fn"] for c in g]],                    # TN / (TN + FN)
+    }
+    c, _ = chi_square(groups)
+    assert set(c) == set(tables) == set(RATES)
+    want = {}
+    for rate, table in tables.items():
+        stat, df = _pearson(table)
+        want[rate] = stat
+        assert c[rate]["df"] == df == 2, rate
+        assert c[rate]["chi2"] == pytest.approx(stat, rel=1e-12), rate
+        assert c[rate]["p"] == pytest.approx(chi2_dist.sf(stat, df), rel=1e-9), rate
+    # The five statistics differ, so a rate computed from another rate's table cannot pass.
+    assert len({round(v, 6) for v in want.values()}) == 5, want
+
+
 def test_chi_square_two_groups_no_continuity_correction():
     # 2 x 2 [[10, 20], [10, 5]]: Pearson without Yates = 45*(50-200)^2/(20*25*30*15) = 4.5.
     c, _ = chi_square({"a": _counts(10, 0, 0, 10), "b": _counts(20, 0, 0, 5)})

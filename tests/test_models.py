@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 import torchvision
@@ -152,3 +154,51 @@ def test_parameter_count_and_flops():
     assert 3.5 < flops_per_sample(model, 3, 128, 128) / small < 4.5
     # ResNet50 at 224 x 224 is about 4.1 GMAC = 8.2 GFLOP
     assert 7.5e9 < small * (224 * 224) / (64 * 64) < 9e9
+
+
+# --- the head under bf16 autocast, and the state_dict layout ----------------------------------------
+
+# sha256 (16 hex) of each model's state_dict (key, shape) list as written before the head became
+# Fp32Linear: checkpoints saved by earlier versions must keep loading.
+STATE_DICT_LAYOUT = {"resnet18": "8a0e2f9cfa7bd8a6", "resnet50": "c7c655eb48fcfff5", "vgg16": "c799a2f7387abb87",
+                     "densenet169": "dcd15018a001b88e", "inception_v3": "ae3d38ad49977cd8"}
+
+
+def _heads(model):
+    """The one-logit linear layers: the head, and inception_v3's auxiliary head when it has one."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_head_runs_in_fp32_under_bf16_autocast_and_checkpoint_keys_are_unchanged(name):
+    # One test per model: building vgg16 and densenet169 costs seconds, so each is built once.
+    size = (299, 299) if name == "inception_v3" else (64, 32)
+    model = build_model(name, 3, input_size=size).eval()
+    heads = _heads(model)
+    assert len(heads) == (2 if name == "inception_v3" else 1)
+    for head in heads:
+        # Features as a backbone under autocast hands them over: bf16.
+        feats = torch.randn(4, head.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = head(feats)
+            fp32 = nn.functional.linear(feats.float(), head.weight, head.bias)   # outside autocast
+        assert out.dtype == torch.float32
+        assert torch.equal(out, fp32)
+    if name == "resnet18":                     # the whole network too (the cheap one)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(torch.randn(2, 3, *size)).dtype == torch.float32
+    layout = repr([(k, tuple(v.shape)) for k, v in model.state_dict().items()])
+    assert hashlib.sha256(layout.encode()).hexdigest()[:16] == STATE_DICT_LAYOUT[name]
+
+
+def test_a_checkpoint_with_plain_linear_heads_loads_strictly():
+    """What earlier versions saved (nn.Linear heads) loads into today's model and gives its outputs."""
+    model = build_model("resnet18", 3).eval()
+    old = build_model("resnet18", 3).eval()
+    plain = nn.Linear(old.fc[1].in_features, 1)
+    old.fc[1] = plain
+    model.load_state_dict(old.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), old(x))

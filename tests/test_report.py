@@ -326,6 +326,11 @@ BAD_CELLS = [
     ("patient_empty", _replace(2, "patient_id", ""), "row 2, column 'patient_id': empty"),
     ("duplicate", _replace(3, "lesion_id", "1"),
      "row 3, column 'lesion_id': duplicate lesion: study S1 lesion 1 already in row 2"),
+    # lesion_count is the study's: the same on every row of S4 (rows 7, 8), at least its rows (S1: 2).
+    ("lesion_count_differs", _replace(8, "lesion_count", "6"),
+     "row 8, column 'lesion_count': 6 here but 5 in row 7 for study S4"),
+    ("lesion_count_below_rows", lambda rows: _replace(3, "lesion_count", "1")(_replace(2, "lesion_count", "1")(rows)),
+     "row 2, column 'lesion_count': study S1 has 2 rows (lesions) but a lesion_count of 1"),
 ]
 
 

@@ -459,7 +459,7 @@ def test_studies_without_annotations_are_scored_on_the_detectors_components(synt
 
     from wbs_dist.data.studies import StudySource, group_studies, patient_id_of
     from wbs_dist.data.workers import StudyPool, assemble
-    from wbs_dist.evaluate.detection import components
+    from wbs_dist.detection import components
     from wbs_dist.infer.ensemble import Ensemble
     from wbs_dist.preprocess import count_scale, normalise, training_level
 

@@ -134,6 +134,32 @@ def test_annotations_and_masks_agree(archive):
     assert [tuple(r.values()) for r in rows] == want
 
 
+def test_followups_are_the_same_patients_later_and_leave_the_first_studies_as_they_were(archive, tmp_path):
+    out = tmp_path / "followups"
+    summary = synth.write_archive(out, 10, seed=11, progress=False, followups=0.5)
+    extra = summary["followups"]
+    assert summary["studies"] == 15 and sorted(extra) == list(range(10, 15))
+    assert extra == {10 + j: p for j, p in enumerate(synth.followup_patients(11, 10, 0.5))}
+    # Drawn with replacement: this seed gives one patient two follow-ups (three studies).
+    assert max(Counter(extra.values()).values()) >= 2
+    first_ten = {k: v for k, v in tree(out).items()
+                 if k.startswith("DICOM/") and int(k.split("/")[1]) <= 10 or k.startswith("masks/")
+                 and k.split("/")[1] in {synth.plan_study(11, i).study_uid for i in range(10)}}
+    assert first_ten == {k: v for k, v in tree(archive).items() if k != "annotations.csv"}
+    for index, first in extra.items():
+        plan, base = synth.plan_study(11, index, first), synth.plan_study(11, first)
+        assert plan.patient.patient_id == base.patient.patient_id
+        assert plan.patient.birth_date == base.patient.birth_date and plan.patient.sex == base.patient.sex
+        assert plan.patient.name.upper() == base.patient.name.upper()
+        assert plan.tumor_type == base.tumor_type
+        assert plan.acquisition.study_date > base.acquisition.study_date
+        assert plan.study_uid not in {synth.plan_study(11, i).study_uid for i in range(10)}
+        ds = pydicom.dcmread(next(p for p in dicom_paths(out) if p.relative_to(out).parts[1] == f"{index + 1:05d}"))
+        assert ds.PatientID == base.patient.patient_id and ds.StudyInstanceUID == plan.study_uid
+    with pytest.raises(UsageError, match="followups"):
+        synth.write_archive(tmp_path / "bad", 3, followups=-1)
+
+
 def test_lesion_masks_sit_on_their_lesions_and_views_mirror():
     study = synth.make_study(2, 3)
     assert study.plan.lesions

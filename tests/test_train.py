@@ -1,5 +1,6 @@
 """`wbs-dist train`: exact resume after a signal or a kill, DDP under torchrun, bad configs named."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -51,6 +52,52 @@ def test_run_directory_holds_what_a_user_needs(uninterrupted):
     assert state["epoch"] == 3
 
 
+def test_predictions_are_the_final_epochs(uninterrupted):
+    """predictions.csv, done.json and metrics.csv's last row describe one validation: the final
+    epoch's (not the best one's: choosing the epoch on the validation fold would flatter it)."""
+    import json
+    import math
+
+    from sklearn.metrics import roc_auc_score
+
+    d = uninterrupted / "fold0"
+    rows = prediction_rows(d / "predictions.csv")
+    y = [int(r["label"]) for r in rows]
+    p = [float(r["score"]) for r in rows]
+    auc = roc_auc_score(y, p)
+    done = json.loads((d / "done.json").read_text())
+    epochs = prediction_rows(d / "metrics.csv")
+    assert done["epochs"] == len(epochs) == 3 and int(epochs[-1]["epoch"]) == 2
+    # The epochs differ from one another, so agreeing with the last one means something.
+    assert len({e["val_loss"] for e in epochs}) == len(epochs)
+    # Scores are written with 6 decimals, metrics.csv rounds to 6: agreement to 1e-5.
+    assert auc == pytest.approx(done["val_auc"], abs=1e-5)
+    assert auc == pytest.approx(float(epochs[-1]["val_auc"]), abs=1e-5)
+    loss = -sum(math.log(q) if t else math.log(1 - q) for t, q in zip(y, p)) / len(y)
+    assert loss == pytest.approx(done["val_loss"], abs=1e-4)
+    assert loss == pytest.approx(float(epochs[-1]["val_loss"]), abs=1e-4)
+    assert done["lesions"] == len(rows)
+
+
+def test_lesion_count_is_the_studys_on_every_row(loader_store, uninterrupted):
+    from collections import Counter
+
+    from wbs_dist.data.store import Store, int_to_key
+
+    table = Store.open(loader_store).lesion_table()
+    in_store = Counter(int_to_key(s) for s in table["study"])
+    rows = prediction_rows(uninterrupted / "fold0" / "predictions.csv")
+    per_study = Counter(r["study_uid"] for r in rows)
+    counts = {}
+    for r in rows:
+        counts.setdefault(r["study_uid"], set()).add(int(r["lesion_count"]))
+    for study, values in counts.items():
+        # One count per study, equal to its lesions: those in the store and, as a validation fold
+        # holds whole patients, those in the file.
+        assert values == {in_store[study]} == {per_study[study]}, study
+    assert len({in_store[s] for s in counts}) > 1       # studies of several sizes: a constant would fail
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGKILL])
 def test_interrupted_run_resumes_to_the_same_weights_bit_for_bit(loader_store, uninterrupted, tmp_path, sig):
     run_dir = tmp_path / "runs"
@@ -84,15 +131,23 @@ def test_finished_fold_is_not_redone(loader_store, uninterrupted):
     assert "already finished" in res.stderr
 
 
+def prediction_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 @pytest.mark.ddp
 def test_ddp_two_ranks_under_torchrun_with_uneven_shards(loader_store, tmp_path):
-    from wbs_dist.train.dataset import lesion_index
     from wbs_dist.data.store import Store
+    from wbs_dist.config import Config, Size
+    from wbs_dist.train.dataset import LesionDataset, fold_indices
+    from wbs_dist.train.models import build_model
 
-    # A global batch (2 ranks) that the training folds' lesion count is not a multiple of, so the
-    # shards are uneven. (The split depends on the pseudonyms, hence on the session's secret.)
-    n_train = len(lesion_index(Store.open(loader_store), [1, 2], (64, 32)))
-    batch = next(b for b in (6, 10, 4, 14, 8) if n_train % b)
+    # A global batch (2 ranks) that neither the training folds' lesions nor the validation fold's are a
+    # multiple of: both are padded, unevenly. (The split depends on the pseudonyms, hence on the
+    # session's secret, so the batch is chosen here.)
+    train, val = fold_indices(Store.open(loader_store), Config(folds=3, train_size=Size(64, 32)), 0)
+    batch = next(b for b in (6, 10, 4, 14, 8) if len(train) % b and len(val) % b)
     run_dir = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "ddp_train_rank.py"), str(CONFIG), str(tmp_path),
@@ -105,8 +160,28 @@ def test_ddp_two_ranks_under_torchrun_with_uneven_shards(loader_store, tmp_path)
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
     assert "2 rank(s)" in (run_dir / "fold0" / "train.log").read_text()
-    n_pred = len((run_dir / "fold0" / "predictions.csv").read_text().splitlines()) - 1
-    assert n_pred == len(lesion_index(Store.open(loader_store), [0], (64, 32)))   # every lesion once
+
+    # Every validation lesion exactly once: the (study, lesion) pairs as a set, and no row twice.
+    rows = prediction_rows(run_dir / "fold0" / "predictions.csv")
+    got = [(r["study_uid"], int(r["lesion_id"])) for r in rows]
+    want = {(val.study_keys[s], int(le)) for s, le in zip(val.study, val.lesion_id)}
+    assert len(got) == len(set(got)), "a validation lesion written twice (padding reached the predictions)"
+    assert set(got) == want
+    # Each score is this lesion's: one process (the plain Dataset, no sharding, no padding) scoring
+    # the same weights gives the same numbers, lesion by lesion.
+    model = build_model("resnet18", val.channels)
+    model.load_state_dict(r0)
+    model.eval()
+    ref, label = {}, {}
+    loader = torch.utils.data.DataLoader(LesionDataset(val), batch_size=16)
+    with torch.no_grad():
+        for b in loader:
+            for i, p in zip(b["index"].tolist(), torch.sigmoid(model(b["x"]).view(-1)).tolist()):
+                key = (val.study_keys[val.study[i]], int(val.lesion_id[i]))
+                ref[key], label[key] = p, int(val.label[i])
+    for r, key in zip(rows, got):
+        assert float(r["score"]) == pytest.approx(ref[key], abs=2e-6), key
+        assert int(r["label"]) == label[key], key
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -40,7 +40,7 @@ def _cmd_synth(args) -> int:
     from wbs_dist.schema import STUDY_TUMOR_TYPES
     from wbs_dist.synth import write_archive
 
-    s = write_archive(args.out, args.patients, args.seed, args.form)
+    s = write_archive(args.out, args.patients, args.seed, args.form, followups=args.followups)
     forms = ", ".join(f"{k} {v}" for k, v in s["dicom_forms"].items())
     types = ", ".join(f"{t} {s['tumor_types'].get(t, 0)}" for t in STUDY_TUMOR_TYPES)
     print(f"wrote {s['out']} ({s['archive_form']}, {s['bytes'] / 1e6:.1f} MB)")

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed; the archive is deterministic for it")
     s.add_argument("--form", choices=["dir", "zip", "tar"], default=None,
                    help="archive form (default: from OUT's suffix, else a folder)")
+    s.add_argument("--followups", type=float, default=0.0,
+                   help="follow-up scans per patient, on average (default 0: one study a patient); e.g. 0.5 "
+                   "adds half as many studies again, of patients drawn at random, some seen three times")
 
     s = sub.add_parser("ingest", help="DICOM archive + annotations -> de-identified Zarr store",
                        description="Read a folder, .zip or .tar(.gz) of whole-body bone scans and write a "

@@ -42,7 +42,7 @@ def detection_summary(folds: dict[int, dict]) -> dict:
                       "overlaps it with overlap coefficient > 0.3 and is at most 10 times its area; a component "
                       "finding no lesion is a false "
                       "positive; each fold's threshold is the highest reaching the target sensitivity on its "
-                      "training folds (evaluate/detection.py)"}
+                      "training folds (detection.py)"}
 
 
 def froc_figure(summary: dict, classical: Sequence[tuple[str, float, float]] = ()):

@@ -87,6 +87,7 @@ def _parse(path: Path, reader) -> Predictions:
     n_rows = n_unlabelled = 0
     lesion_row: dict[tuple[str, int], int] = {}
     patient_fold: dict[str, tuple[int | None, int]] = {}
+    study_count: dict[str, list[int]] = {}  # study -> [lesion_count, its first row, rows seen]
     fold_row: tuple[bool, int] | None = None  # whether the first data row had a fold, and its row
     for record in reader:
         row = reader.line_num
@@ -135,6 +136,12 @@ def _parse(path: Path, reader) -> Predictions:
             raise _bad(path, row, "lesion_id", f"duplicate lesion: study {key[0]} lesion {key[1]} "
                        f"already in row {lesion_row[key]}")
         lesion_row[key] = row
+        # lesion_count is the study's: a study whose rows disagree would sit in two burden groups.
+        seen = study_count.setdefault(value["study_uid"], [lesion_count, row, 0])
+        seen[2] += 1
+        if seen[0] != lesion_count:
+            raise _bad(path, row, "lesion_count", f"{lesion_count} here but {seen[0]} in row {seen[1]} for study "
+                       f"{value['study_uid']}; it is the study's number of lesions, the same on each of its rows")
         # A patient in two validation folds means the split leaked, and it would give the patient
         # two thresholds under --threshold youden.
         first = patient_fold.setdefault(value["patient_id"], (fold, row))
@@ -154,6 +161,10 @@ def _parse(path: Path, reader) -> Predictions:
 
     if not n_rows:
         raise InputError(f"{path}: no data rows below the header")
+    for uid, (count, row, rows) in study_count.items():
+        if rows > count:
+            raise _bad(path, row, "lesion_count", f"study {uid} has {rows} rows (lesions) but a lesion_count of "
+                       f"{count}")
     if not labels:
         raise InputError(f"{path}, column 'label': every row is empty (unknown); nothing to evaluate")
     return Predictions(

@@ -3,7 +3,7 @@
 For each network image of the study (score.Scan: anterior | posterior side by side at the training
 level), the detector folds' mean lesion probability map (the known patient's own fold alone, by the
 out-of-fold rule), cut at the threshold the folds chose on their training folds (the median of the
-folds'; a single fold's own), and its connected components (evaluate/detection.py, 8-connected)
+folds'; a single fold's own), and its connected components (detection.py, 8-connected)
 within each view's half: a component never spans two views. Each component becomes a lesion of the
 study, numbered across the study in view order as the annotation contract numbers lesions (DESIGN
 3.2), and the classifier scores it like a delineated one. For overlays, each view's label map is
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from wbs_dist.evaluate.detection import components
+from wbs_dist.detection import components
 from wbs_dist.preprocess import normalise
 from wbs_dist.schema import VIEWS
 

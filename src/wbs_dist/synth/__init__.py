@@ -2,8 +2,9 @@
 
 Real patient data never enters this repository, so everything downstream (ingest, training, scoring,
 reports) is exercised on an archive this package writes. It imitates a hospital export of 99mTc-MDP
-whole-body scans: one study per patient, anterior and posterior views of 1024 x 256 counts with Poisson
-noise on a skeleton template, bladder and kidney activity, and hot-spot lesions whose label
+whole-body scans: one study per patient (with ``followups``, some patients are scanned again: same
+identity and primary tumour, a later date, lesions of their own), anterior and posterior views of
+1024 x 256 counts with Poisson noise on a skeleton template, bladder and kidney activity, and hot-spot lesions whose label
 (malignant/benign) follows their location, shape, contrast and the patient's burden, with label noise
 (DESIGN 1). Annotations follow DESIGN 3.2: ``annotations.csv`` and ``masks/<study_uid>/<view>.png``.
 
@@ -75,13 +76,14 @@ from wbs_dist.synth.dicom import (NM_IMAGE_STORAGE, VIEW_CODES, VIEW_TEXT, encod
                                   study_files)
 from wbs_dist.synth.lesions import Lesion
 from wbs_dist.synth.plan import (ANNOTATED_FRACTION, FORM_CYCLE, FORMS, SKIPPED_FORMS, TUMOR_WEIGHTS,
-                                 Acquisition, Patient, StudyPlan, form_for_index, plan_study, synth_uid)
+                                 Acquisition, Patient, StudyPlan, followup_patients, form_for_index, plan_study,
+                                 synth_uid)
 from wbs_dist.synth.render import Study, make_study, render_study
 
 __all__ = [
     "ANNOTATED_FRACTION", "ARCHIVE_FORMS", "COLS", "FORMS", "FORM_CYCLE", "NM_IMAGE_STORAGE", "PIXEL_SPACING_MM",
     "ROWS", "SKIPPED_FORMS", "TUMOR_WEIGHTS", "VIEWS", "VIEW_CODES", "VIEW_TEXT",
     "Acquisition", "Lesion", "Patient", "Study", "StudyPlan",
-    "anatomy", "annotation_rows", "encode", "form_for_index", "make_study", "mask_png", "plan_study",
+    "anatomy", "annotation_rows", "encode", "followup_patients", "form_for_index", "make_study", "mask_png", "plan_study",
     "render_study", "study_datasets", "study_files", "synth_uid", "write_archive",
 ]

@@ -25,7 +25,7 @@ import numpy as np
 from wbs_dist.errors import UsageError
 from wbs_dist.schema import ANNOTATION_COLUMNS, ANNOTATIONS_CSV, MALIGNANT, MASKS_DIR, VIEWS
 from wbs_dist.synth.dicom import study_files
-from wbs_dist.synth.plan import FORMS, StudyPlan
+from wbs_dist.synth.plan import FORMS, StudyPlan, followup_patients
 from wbs_dist.synth.render import make_study
 
 ARCHIVE_FORMS = ("dir", "zip", "tar")
@@ -121,12 +121,18 @@ def _refuse_existing(out: Path, form: str) -> None:
 
 
 def write_archive(out: Path | str, patients: int, seed: int = 0, form: str | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, followups: float = 0.0) -> dict:
     """Write studies 0 .. patients-1 of `seed` to OUT atomically (temp path beside OUT, then rename).
+
+    `followups` > 0 adds round(followups x patients) follow-up scans of those patients (studies
+    patients, patients+1, ...; whose patient each is: plan.followup_patients), so that some patients
+    have two or more studies, as in a hospital export. The first `patients` studies are the same
+    bytes as without follow-ups.
 
     `form` is one of :data:`ARCHIVE_FORMS`, or None to take it from OUT's name (.zip; .tar, .tar.gz,
     .tgz; else a folder). OUT must not exist (an empty folder is fine). `progress` shows a bar on
-    stderr. Returns a summary: out, archive_form, patients, studies, annotated_studies, lesions,
+    stderr. Returns a summary: out, archive_form, patients, studies, followups (study index -> the
+    index of its patient's first study), annotated_studies, lesions,
     malignant_lesion_fraction, metastatic_patient_fraction, tumor_types, dicom_forms, dicom_files,
     masks (PNG count), bytes. Raises UsageError on bad arguments or an existing OUT.
     """
@@ -137,6 +143,11 @@ def write_archive(out: Path | str, patients: int, seed: int = 0, form: str | Non
         raise UsageError(f"--patients must be an integer >= 1, got {patients!r}")
     if not isinstance(seed, int) or seed < 0:
         raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
+    try:
+        extra = followup_patients(seed, patients, followups)
+    except ValueError as exc:
+        raise UsageError(f"--followups: {exc}") from None
+    patient_of = [None] * patients + extra
     form, gz = _infer_form(out, form)
     _refuse_existing(out, form)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +161,8 @@ def write_archive(out: Path | str, patients: int, seed: int = 0, form: str | Non
     plans = []
     try:
         rows = []
-        for i in tqdm(range(patients), desc="synth", unit="study", file=sys.stderr, disable=not progress):
-            study = make_study(seed, i)
+        for i in tqdm(range(len(patient_of)), desc="synth", unit="study", file=sys.stderr, disable=not progress):
+            study = make_study(seed, i, patient_of[i])
             plan = study.plan
             plans.append(plan)
             for name, data in study_files(study, i + 1):
@@ -191,7 +202,7 @@ def write_archive(out: Path | str, patients: int, seed: int = 0, form: str | Non
     # keyword keys: the summary's names are its own API, not the contract's file names
     return dict(
         out=str(out), archive_form=form + (".gz" if gz else ""), patients=patients,
-        studies=len(plans), annotated_studies=len(annotated), lesions=len(lesions),
+        studies=len(plans), followups={patients + j: p for j, p in enumerate(extra)}, annotated_studies=len(annotated), lesions=len(lesions),
         malignant_lesion_fraction=(sum(les.label == MALIGNANT for les in lesions) / len(lesions)
                                    if lesions else 0.0),
         metastatic_patient_fraction=(sum(p.malignant for p in annotated) / len(annotated)

@@ -165,18 +165,50 @@ def _unique_digits(seed: int, index: int, salt: int, digits: int) -> int:
 # Planning (cheap ground truth)
 
 
-def plan_study(seed: int, index: int) -> StudyPlan:
-    """Everything about study `index` except pixels: identity, acquisition, lesions and labels."""
+def followup_patients(seed: int, patients: int, followups: float) -> list[int]:
+    """For an archive of `patients` first studies (indices 0 .. patients-1) and round(followups x
+    patients) follow-up scans after them (indices patients, patients+1, ...): the index of the first
+    study of each follow-up's patient. Drawn with replacement from (seed, patients), so some
+    patients get two or more follow-ups; the same list for the same arguments."""
+    if not 0.0 <= followups <= 10.0:
+        raise ValueError(f"followups must be in [0, 10] (follow-up scans per patient), got {followups!r}")
+    n = int(round(followups * patients))
+    if n == 0:
+        return []
+    return [int(i) for i in np.random.default_rng([seed, patients, 0xF0110]).integers(0, patients, n)]
+
+
+def plan_study(seed: int, index: int, patient_of: int | None = None) -> StudyPlan:
+    """Everything about study `index` except pixels: identity, acquisition, lesions and labels.
+
+    `patient_of`: the index of an earlier study whose patient this one is (a follow-up scan, as
+    hospital archives hold for many patients): it takes that patient's identity and primary tumour,
+    and a date after that study; acquisition, lesions and labels are its own. Without it (the
+    default) the plan is what it always was for (seed, index)."""
     if seed < 0 or index < 0:
         raise ValueError("seed and index must be >= 0")
+    first = None
+    if patient_of is not None:
+        if not 0 <= patient_of < index:
+            raise ValueError(f"patient_of must be an earlier study's index (0 .. {index - 1}), got {patient_of}")
+        first = plan_study(seed, patient_of)
     rng = study_rng(seed, index, 1)
     # Weyl sequences instead of independent draws for the study-level mix: any archive, even a small
     # one, then holds tumour types, metastatic patients and unannotated studies near their shares.
     tumor = STUDY_TUMOR_TYPES[int(np.searchsorted(_TUMOR_CDF, _weyl(seed, index, 0)))]
+    if first is not None:
+        tumor = first.tumor_type    # one primary per patient (ingest refuses two)
     sex = {PROSTATE: "M", BREAST: "F"}.get(tumor) or ("M" if rng.random() < 0.6 else "F")
 
     study_day = dt.date(2015, 1, 5) + dt.timedelta(days=int(rng.integers(0, 9 * 365)))
     birth = dt.date(int(rng.integers(1935, 1991)), 1, 1) + dt.timedelta(days=int(rng.integers(0, 365)))
+    if first is not None:
+        # The same person, seen again 2 to 24 months later (the draws above are kept, so the rest of
+        # the stream is what it would be without patient_of).
+        sex = first.patient.sex
+        birth = dt.datetime.strptime(first.patient.birth_date, "%Y%m%d").date()
+        study_day = dt.datetime.strptime(first.acquisition.study_date, "%Y%m%d").date() + \
+            dt.timedelta(days=int(np.random.default_rng([seed, index, 3]).integers(60, 730)))
     age = study_day.year - birth.year - ((study_day.month, study_day.day) < (birth.month, birth.day))
     cam = _CAMERAS[rng.choice(3, p=[0.35, 0.3, 0.35])]
     upper = cam[0].startswith("GE")
@@ -190,6 +222,11 @@ def plan_study(seed: int, index: int) -> StudyPlan:
         sex=sex,
         age=int(age),
     )
+    if first is not None:
+        # Names as this camera's software writes them (GE upper-cases), the same person otherwise.
+        name = first.patient.name.upper() if upper else first.patient.name
+        patient = Patient(name=name, patient_id=first.patient.patient_id, birth_date=first.patient.birth_date,
+                          sex=sex, age=int(age))
     acq = Acquisition(
         manufacturer=cam[0], model=cam[1], station=cam[2], serial=cam[3], software=cam[4],
         institution=inst, institution_address=addr,

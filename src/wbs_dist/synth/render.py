@@ -98,7 +98,8 @@ def render_study(plan: StudyPlan) -> Study:
     return Study(plan=plan, views=views, labels=labels)
 
 
-def make_study(seed: int, index: int) -> Study:
-    """Ground truth of study `index` for `seed`: images, label maps and lesions, without writing."""
-    return render_study(plan_study(seed, index))
+def make_study(seed: int, index: int, patient_of: int | None = None) -> Study:
+    """Ground truth of study `index` for `seed`: images, label maps and lesions, without writing
+    (`patient_of`: see plan_study)."""
+    return render_study(plan_study(seed, index, patient_of))
 

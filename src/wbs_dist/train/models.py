@@ -39,6 +39,12 @@ on only when `input_size=(H, W)` is given and both sides reach that size, so at 
 512 x 256 it is off. inception_v3 without it needs at least 75 x 75 (INCEPTION_MIN_SIZE); a smaller
 `input_size` is a ConfigError naming train_size.
 
+The final linear layer of every head (and of inception_v3's auxiliary head) is an `Fp32Linear`: under
+bf16 autocast it leaves autocast and computes in float32 from a float32 copy of its input, so the logit
+(and the loss and the AUC ranking that come from it) carries fp32 precision; bf16's 8-bit mantissa
+would round logits to ~0.4 % and tie close scores. It is an nn.Linear subclass with the same
+parameters, so state_dict keys (and old checkpoints) are unchanged.
+
 `dropout`: None keeps each architecture's own head (vgg16: two dropouts of 0.5; inception_v3: one of
 0.5; resnet50 and densenet169: none); a number sets those dropouts to it and, for resnet50 and
 densenet169, is the dropout in front of the final linear layer. The head's layer names do not depend
@@ -220,8 +226,18 @@ def _adapted_conv(conv: nn.Conv2d, in_channels: int, pretrained: bool) -> nn.Con
     return new
 
 
+class Fp32Linear(nn.Linear):
+    """nn.Linear computed in float32 outside autocast (the module note says why); the same
+    parameters and state_dict keys as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
 def _head(in_features: int, dropout: float | None) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout or 0.0), nn.Linear(in_features, 1))
+    return nn.Sequential(nn.Dropout(dropout or 0.0), Fp32Linear(in_features, 1))
 
 
 def _adapt_resnet(model, in_channels, pretrained, dropout):
@@ -236,7 +252,7 @@ def _adapt_densenet169(model, in_channels, pretrained, dropout):
 
 def _adapt_vgg16(model, in_channels, pretrained, dropout):
     model.features[0] = _adapted_conv(model.features[0], in_channels, pretrained)
-    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, 1)
+    model.classifier[-1] = Fp32Linear(model.classifier[-1].in_features, 1)
     if dropout is not None:
         for layer in model.classifier:
             if isinstance(layer, nn.Dropout):
@@ -246,11 +262,11 @@ def _adapt_vgg16(model, in_channels, pretrained, dropout):
 def _adapt_inception_v3(model, in_channels, pretrained, dropout):
     stem = model.Conv2d_1a_3x3
     stem.conv = _adapted_conv(stem.conv, in_channels, pretrained)
-    model.fc = nn.Linear(model.fc.in_features, 1)
+    model.fc = Fp32Linear(model.fc.in_features, 1)
     if dropout is not None:
         model.dropout.p = dropout
     if model.aux_logits:
-        model.AuxLogits.fc = nn.Linear(model.AuxLogits.fc.in_features, 1)
+        model.AuxLogits.fc = Fp32Linear(model.AuxLogits.fc.in_features, 1)
         model.AuxLogits.register_forward_pre_hook(_check_aux_input)
 
 

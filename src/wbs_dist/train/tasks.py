@@ -14,7 +14,7 @@ classify   the study's task: one lesion's malignancy (dataset.LesionIndex, Lesio
            from models.py, BCE, AUC; predictions.csv, DESIGN 3.3)
 detect     the learned lesion detector: lesion vs background over the whole study (detector.py,
            StudyLoader, Dice + CE; FROC on the validation fold; detection.json with the operating
-           threshold chosen on the training folds, evaluate/detection.py)
+           threshold chosen on the training folds, detection.py)
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class DetectTask:
     def _counts(self, forward, loader) -> dict:
         """Per study: loss and (found, lesions, false) at every FROC threshold, gathered in study order.
         The counts need the lesion label maps (not the binary target): read from the store."""
-        from wbs_dist.evaluate.detection import THRESHOLDS, components, match
+        from wbs_dist.detection import THRESHOLDS, components, match
         from wbs_dist.train.detector import detector_loss
 
         idx, losses, counts = [], [], []
@@ -187,7 +187,7 @@ class DetectTask:
         return {"index": idx[order], "losses": losses[order], "counts": counts[order]}
 
     def validate(self, forward, loader) -> dict:
-        from wbs_dist.evaluate.detection import froc_from_counts, sensitivity_at
+        from wbs_dist.detection import froc_from_counts, sensitivity_at
 
         got = self._counts(forward, loader)
         points = froc_from_counts(got["counts"])
@@ -197,7 +197,7 @@ class DetectTask:
 
     def final(self, forward, val: dict) -> dict:
         """The operating threshold, chosen on the training folds' studies (no flip), never on this fold."""
-        from wbs_dist.evaluate.detection import choose_threshold, froc_from_counts
+        from wbs_dist.detection import choose_threshold, froc_from_counts
         from wbs_dist.train.loader import StudyLoader
 
         cfg = self.cfg

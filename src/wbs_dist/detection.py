@@ -1,4 +1,5 @@
-"""Detection evaluation: lesion sensitivity against false positives per study (FROC), and the
+"""Lesion detection's yardstick, shared by training validation, the report and scoring: proposed
+components matched to lesions, lesion sensitivity against false positives per study (FROC), and the
 operating threshold chosen on training folds only.
 
 A detector (or the classical hot-spot finder) proposes connected components on a study's image; a
