@@ -37,7 +37,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from wbs_dist.atomic import fsync_dir, publish_dir, sync_tree
 from wbs_dist.errors import UsageError
-from wbs_dist.lock import Lock
+from wbs_dist.lock import Lock, process_start_time
 from wbs_dist.preprocess import count_scale, training_level
 from wbs_dist.schema import BURDEN_GROUPS, BURDEN_TEXT, LABEL_CODES, TUMOR_TYPES, VIEWS, burden_group, view_order
 
@@ -94,8 +94,9 @@ STUDY_ARRAYS = ("native", "train_image", "train_labels")
 
 
 def store_lock(path: Path, what: str, mode: str = "exclusive") -> Lock:
-    """One writer at a time: ingest and folds take STORE.lock exclusive (sharded ingest will take it
-    shared for its disjoint studies). Beside the store, so that it can be taken before the store exists."""
+    """One writer at a time: ingest and folds take STORE.lock exclusive; ingest shards (`--shard I/N`)
+    take it shared, as they write disjoint studies and nothing store-wide. Beside the store, so that
+    it can be taken before the store exists."""
     path = Path(path)
     return Lock(path.with_name(path.name + ".lock"), what, mode, subject=f"store {path}")
 
@@ -118,11 +119,24 @@ class Store:
             return store
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} exists and is not a wbs_dist store; refusing to write into it")
-        root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        # Made beside the store and renamed into place: shards starting together on a new store all
+        # try to create it, one rename wins, and the others open the winner's (never a half-made root).
+        tmp = path.with_name(f".{path.name}.new.{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update({"format": FORMAT, "version": VERSION, "train_size": list(train_size),
                            "views": list(VIEWS), "normalisation": "train_image holds mean counts per pixel; loaders divide by the study's count_scale (99th percentile of body counts)"})
         root.create_group("studies")
-        return cls(path, root)
+        sync_tree(tmp)
+        try:
+            os.rename(tmp, path)               # onto nothing, or onto an empty folder
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if path.is_dir() and any(path.iterdir()):   # another process's store is there now
+                return cls.create_or_open(path, train_size)
+            raise StoreError(f"cannot create store {path}: {exc}") from None
+        fsync_dir(path.parent)
+        return cls.open(path)
 
     @classmethod
     def open(cls, path: Path) -> "Store":
@@ -155,6 +169,25 @@ class Store:
     def clear_staging(self) -> None:
         """Remove every run's leftovers; only under the store's exclusive lock (no other writer)."""
         shutil.rmtree(self.path / ".staging", ignore_errors=True)
+
+    def clear_dead_staging(self) -> None:
+        """Remove the staging folders of this host's processes that are gone (a killed shard's), under
+        the shared lock: live writers' folders, and other hosts', are left to the finalize."""
+        host = socket.gethostname()
+        for folder in (self.path / ".staging").glob(f"{host}-*"):
+            pid = folder.name.rsplit("-", 1)[1]
+            if pid.isdigit() and process_start_time(int(pid)) is None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def retire_lesion_table(self) -> None:
+        """Take the lesion table away before a shard adds studies: until the finalize rebuilds it, a
+        reader is told the ingest did not finish rather than given a table that misses studies."""
+        aside = self.staging() / f"lesions.retired.{os.getpid()}"
+        try:
+            os.rename(self.path / "lesions", aside)
+        except FileNotFoundError:               # none yet, or another shard took it first
+            return
+        shutil.rmtree(aside, ignore_errors=True)
 
     def study_keys(self) -> list[str]:
         d = self.path / "studies"
