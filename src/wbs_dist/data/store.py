@@ -71,10 +71,24 @@ async def _write_group(path: str, attrs: dict, arrays: dict[str, np.ndarray]) ->
     root = await AsyncGroup.from_store(path, attributes=attrs, zarr_format=3)
     # Whole-view chunks: a reader always wants a whole view. Empty chunks are written too, so every
     # study has the same files (and no per-chunk emptiness check is paid).
+    # Flat chunk keys ("c.0.0.0", a file beside the array's zarr.json, not c/0/0/0): 16 files and
+    # folders a study instead of 30, each a metadata object on a parallel filesystem and an fsync
+    # before publishing (31 fsyncs, 4.8 s of a 22.5 s one-process ingest of 100 JPEG-LS studies).
     await asyncio.gather(*(
-        root.create_array(name, data=arr, chunks=(1, *arr.shape[1:]) if arr.ndim == 3 else arr.shape,
-                          compressors=[_CODEC], config={"write_empty_chunks": True})
+        root.create_array(name, data=arr, chunks=_chunks(arr), compressors=[_CODEC],
+                          chunk_key_encoding={"name": "default", "separator": "."},
+                          config={"write_empty_chunks": True})
         for name, arr in arrays.items()))
+
+
+def _chunks(arr: np.ndarray) -> tuple[int, ...]:
+    return (1, *arr.shape[1:]) if arr.ndim == 3 else arr.shape
+
+
+def chunk_files(arrays: dict[str, np.ndarray]) -> list[str]:
+    """The chunk files `_write_group` writes, relative to the study folder (one a view, one a 2-D array)."""
+    return sorted(f"{name}/c.{i}.0.0" if arr.ndim == 3 else f"{name}/c.0.0"
+                  for name, arr in arrays.items() for i in range(arr.shape[0] if arr.ndim == 3 else 1))
 
 
 class StoreError(UsageError):
@@ -208,7 +222,11 @@ class Store:
         if "views" not in attrs or "lesions" not in attrs:
             return False
         arrays = attrs.get("arrays") or STUDY_ARRAYS
-        return all((folder / name / "zarr.json").exists() and (folder / name / "c").is_dir() for name in arrays)
+        if not all((folder / name / "zarr.json").exists() for name in arrays):
+            return False
+        if "chunk_files" in attrs:             # flat chunk keys: every chunk file named, checked
+            return all((folder / f).is_file() for f in attrs["chunk_files"])
+        return all((folder / name / "c").is_dir() for name in arrays)     # stores written before them
 
     def study(self, key: str) -> zarr.Group:
         return zarr.open_group(str(self.path / "studies" / key), mode="r", zarr_format=3)
@@ -224,7 +242,8 @@ class Store:
         if self._complete(final):
             return False
         image, labels = training_level(data.views, data.labels, *self.train_size)
-        areas = {int(v): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
+        counts = np.bincount(labels.ravel())
+        areas = {int(v): int(c) for v, c in enumerate(counts) if v and c}
         attrs = dict(data.attrs)
         attrs["count_scale"] = count_scale(image)
         attrs["lesions"] = [dict(les, area_train=areas.get(les["lesion_id"], 0)) for les in attrs.get("lesions", [])]
@@ -238,6 +257,7 @@ class Store:
             arrays["labels"] = np.stack([data.labels.get(v, np.zeros(shape, np.uint16)) for v in names])
         attrs["views"] = names
         attrs["arrays"] = sorted(arrays)
+        attrs["chunk_files"] = chunk_files(arrays)
 
         tmp = self.staging() / f"{data.key}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
