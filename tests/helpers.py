@@ -4,6 +4,7 @@ conftest.py; test modules import only from here, never from each other."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -38,6 +39,26 @@ def build_store(base: Path, patients: int, seed: int, k: int) -> Path:
     assert not ingest(base / "archive", store=base / "store.zarr", workers=2, train_size=(64, 32)).errors
     write_folds(Store.open(base / "store.zarr"), k=k, seed=0)
     return base / "store.zarr"
+
+
+def store_snapshot(path: Path) -> dict:
+    """Every array and every attribute of a store, for equality checks."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    snap = {}
+
+    def walk(g, prefix):
+        snap[prefix + "@attrs"] = json.dumps(dict(g.attrs), sort_keys=True)
+        for name, node in g.members():
+            if isinstance(node, zarr.Group):
+                walk(node, f"{prefix}/{name}")
+            else:
+                snap[f"{prefix}/{name}"] = (node.dtype.str, node[...].tobytes())
+                snap[f"{prefix}/{name}@attrs"] = json.dumps(dict(node.attrs), sort_keys=True)
+
+    walk(root, "")
+    return snap
 
 
 def kill_point_rng(name: str) -> random.Random:

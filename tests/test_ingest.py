@@ -1,7 +1,6 @@
 """`wbs-dist ingest` as a user sees it: exit status, the store's contents, the errors file."""
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ from wbs_dist.data.deid import keyed_hash, load_or_create_secret
 from wbs_dist.data.dicom import VIEW_CODES
 from wbs_dist.data.store import Store
 
-from helpers import WBS, kill_point_rng, run_cli
+from helpers import WBS, kill_point_rng, run_cli, store_snapshot
 
 NM1_COUNTS = 3_596_452  # (0018,0070) Counts Accumulated of NEMA WG04 "NM1"
 
@@ -48,24 +47,6 @@ def expected_views(ds) -> list[str]:
         return [VIEW_CODES[det[int(v) - 1].ViewCodeSequence[0].CodeValue] for v in vec]
     text = f"{ds.get('SeriesDescription', '')} {ds.get('ImageComments', '')}".upper()
     return ["posterior" if "POST" in text else "anterior"]
-
-
-def store_snapshot(path: Path) -> dict:
-    """Every array and every attribute of a store, for equality checks."""
-    root = zarr.open_group(str(path), mode="r")
-    snap = {}
-
-    def walk(g, prefix):
-        snap[prefix + "@attrs"] = json.dumps(dict(g.attrs), sort_keys=True)
-        for name, node in g.members():
-            if isinstance(node, zarr.Group):
-                walk(node, f"{prefix}/{name}")
-            else:
-                snap[f"{prefix}/{name}"] = (node.dtype.str, node[...].tobytes())
-                snap[f"{prefix}/{name}@attrs"] = json.dumps(dict(node.attrs), sort_keys=True)
-
-    walk(root, "")
-    return snap
 
 
 def test_real_nm1_scan_ingests_with_its_counts(tmp_path):
@@ -315,3 +296,17 @@ def test_deidentification_holds_for_hostile_headers(archive_copy, tmp_path):
     # Accepted on request, knowingly: the store is then not de-identified.
     again = run_cli("ingest", archive_copy, "--store", store, "--accept-burned-in")
     assert "(1 new, 11 already there)" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_study_missing_one_chunk_file_is_written_again(synth_archive, ingested, tmp_path):
+    """A crash on a filesystem that does not order renames can lose one chunk file of a published study;
+    zarr would then read that view as zeros. The completeness check names every chunk file."""
+    store, _ = ingested
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    study = sorted(p for p in (copy / "studies").iterdir() if p.is_dir())[0]
+    chunk = sorted(p for p in (study / "native").rglob("c*") if p.is_file())[-1]    # the second view's
+    chunk.unlink()
+    res = run_cli("ingest", synth_archive, "--store", copy)
+    assert res.returncode == 0 and "(1 new, 11 already there)" in res.stdout, res.stdout + res.stderr
+    assert store_snapshot(copy) == store_snapshot(store)

@@ -94,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store studies whose objects say Burned In Annotation YES (text such as a name in "
                    "the pixels): the store is then NOT de-identified. Default: listed in the errors CSV, not stored")
     s.add_argument("--errors", type=Path, default=None,
-                   help="CSV listing skipped inputs and reasons (default: STORE.errors.csv beside the store)")
+                   help="CSV listing skipped inputs and reasons (default: STORE.errors.csv beside the store; "
+                   "STORE.errors.shard-I-of-N.csv for a shard)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="write only the studies whose Study Instance UID hashes to I mod N, while other shards "
+                   "write theirs into the same store; then the same command without --shard finalizes (writes "
+                   "what the shards left undone, rebuilds the lesion table). See slurm/ingest.sh")
+    s.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for the store lock held by another ingest (or its shards) instead of "
+                   "being refused at once (default 0)")
     _add_budgets(s)
 
     s = sub.add_parser("folds", help="patient-grouped stratified k-fold split, written into the store",

@@ -209,6 +209,19 @@ class Lock:
     def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
+    def wait(self, timeout_s: float, poll_s: float = 2.0) -> "Lock":
+        """`acquire`, retried every `poll_s` for up to `timeout_s` while a live holder keeps it; then
+        Locked as `acquire` raises it. For a job that runs after others (a finalize after its shards:
+        one killed with its node keeps its lock until its heartbeat is `stale_after_s` old)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            try:
+                return self.acquire()
+            except Locked:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(min(poll_s, max(0.01, deadline - time.monotonic())))
+
     def __enter__(self) -> "Lock":
         return self.acquire()
 

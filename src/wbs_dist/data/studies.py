@@ -349,8 +349,10 @@ def _check_annotations(job: StudyJob, views: dict[str, np.ndarray], masks: Archi
         except Exception as exc:  # reading the member: OSError, a bad zip CRC, zlib.error, MemoryError
             problems.append((member, f"{member}: cannot read ({exception_text(exc)})"))
             continue
-        ids, areas = np.unique(mask, return_counts=True)
-        present = {int(i): int(c) for i, c in zip(ids, areas) if i}
+        # bincount, not np.unique: a count per label value without sorting the mask (np.unique's sort
+        # was 0.94 s of a 22.5 s one-process ingest of 100 studies); uint16 ids bound its length.
+        areas = np.bincount(mask.ravel())
+        present = {int(i): int(c) for i, c in enumerate(areas) if i and c}
         for lid in sorted(set(rows) - set(present)):
             problems.append((member, f"lesion {lid} (line {rows[lid].row}) has no pixels in the mask"))
         for lid in sorted(set(present) - set(rows)):

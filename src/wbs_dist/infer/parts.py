@@ -12,7 +12,6 @@ Patient ID such as `=HYPERLINK(...)` lands as text, not as a live formula, in a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,21 +27,6 @@ log = logging.getLogger("wbs_dist.score")
 
 PART_FORMAT = 2          # 2: records carry the out-of-fold rule's fold (infer/known.py)
 SUMMARY_COLUMNS = ("study_uid", "patient_id", "source", "views", "lesions", "max_score", "max_lesion_id", "fold")
-
-
-def shard_of(key: str, n: int) -> int:
-    """Deterministic, independent of order and of the archive's other contents."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % n
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: expected I/N, e.g. 0/4")
-    if n < 1 or not 0 <= i < n:
-        raise UsageError(f"--shard {text!r}: need 0 <= I < N")
-    return i, n
 
 
 def parts_dir(out: Path) -> Path:

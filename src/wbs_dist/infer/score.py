@@ -57,6 +57,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wbs_dist.atomic import PRIVATE, write_csv
+from wbs_dist.data.shards import parse_shard, shard_of
 from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Budgets, StudyJob, StudySource,
                                    group_studies, in_archive_order, patient_id_of)
 from wbs_dist.data.workers import StudyPool, assemble, worker_state
@@ -64,7 +65,7 @@ from wbs_dist.errors import UsageError
 from wbs_dist.infer import candidates, learned
 from wbs_dist.infer.ensemble import finished_folds
 from wbs_dist.infer.known import ENSEMBLE, known_patients
-from wbs_dist.infer.parts import PART_FORMAT, Parts, errors_path, merge, parse_shard, shard_of, summary_path
+from wbs_dist.infer.parts import PART_FORMAT, Parts, errors_path, merge, summary_path
 from wbs_dist.preprocess import count_scale, make_input, normalise, training_level
 from wbs_dist.schema import ANTERIOR, LABEL_CODES, VIEWS, view_order
 

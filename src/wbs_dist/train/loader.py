@@ -102,7 +102,7 @@ class StudyCache:
             list(pool.map(load, range(shape[0])))
         images.flush()
         labels.flush()
-        del images, labels
+        # (the maps close when this function returns)
         return cache
 
     def _path(self, name: str) -> str:
