@@ -217,6 +217,7 @@ def test_rerun_of_a_sweep_with_other_settings_is_refused(sweep, loader_store):
     ("reduction_factor=1", "'reduction_factor'"),
     ("batch_sizes=8", "'batch_sizes'"),
     ("grace_period=99", "'grace_period'"),
+    ("train.task=detect", "tuning a detector is not supported yet"),
 ])
 def test_bad_keys_exit_2_naming_the_key(tmp_path, override, needle):
     res = run_cli("tune", CONFIG, f"storage_path={tmp_path}", override)

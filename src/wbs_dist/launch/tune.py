@@ -133,6 +133,9 @@ def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
             _set(spec, k, value, "command-line override")
     check(spec, "tune key")     # before the paths are used: a NUL in one fails the OS calls with a traceback
     base = load_config(Path(spec.base), train_overrides)
+    if base.task != "classify":
+        raise ConfigError(f"train.task={base.task}: the sweep's objective is the classifier's mean validation AUC; "
+                          "tuning a detector is not supported yet (train it with `wbs-dist cv`)")
     base.store = str(Path(base.store).resolve())
     spec.base = str(Path(spec.base).resolve())
     spec.storage_path = str(Path(spec.storage_path).resolve())
