@@ -170,7 +170,13 @@ def _cmd_demo(args) -> int:
     print(f"[demo] patient level, cross-validation:               {show(cv)}")
     print(f"[demo] patient level, training archive out-of-fold:   {show(scored)} "
           f"({'equal' if r.patient_level['equal'] else 'DIFFERENT: out-of-fold scoring does not reproduce the cv'})")
-    print(f"[demo] 6/6 report: {r.report}")
+    d = r.detection["pooled"]
+    print(f"[demo] lesion detector, pooled over its validation folds at their thresholds: sensitivity "
+          f"{pct(d['sensitivity'])} ({d['found']}/{d['lesions']}), {d['fp_per_study']:.2f} false positives a study")
+    print("[demo] held-out archive, patient-level AUC by where the lesions come from: " + ", ".join(
+        f"{name} {'n/a' if c['auc'] is None else format(c['auc'], '.3f')} ({c['lesions_per_study']:.1f} a study)"
+        for name, c in r.candidates.items()))
+    print(f"[demo] report: {r.report}")
     print(f"[demo] lesion level, mean of {r.folds} folds: accuracy {pct(mean['accuracy'])}, sensitivity "
           f"{pct(mean['sensitivity'])}, specificity {pct(mean['specificity'])}, AUC "
           f"{'n/a' if mean['auc'] is None else format(mean['auc'], '.3f')}; pooled n = {pooled['n']}")

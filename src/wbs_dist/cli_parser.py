@@ -145,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic archive",
                        description="The README's first command: synthesise an archive, ingest it, run the "
-                       "five-fold cross-validation locally with configs/local.yaml, write the report and score a "
-                       "held-out synthetic archive with the fold models. Rerunning reuses what is already there.")
+                       "five-fold cross-validation locally with configs/local.yaml, write the report, cross-validate "
+                       "the lesion detector (configs/detect_local.yaml), score a held-out synthetic archive with the "
+                       "fold models, score the training archive out-of-fold (its patient-level figures must equal the "
+                       "cross-validation's), and score the held-out archive again from the detector's and the "
+                       "hot-spot finder's lesions. Rerunning reuses what is already there.")
     s.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
     s.add_argument("--patients", type=int, default=60, help="synthetic patients (default 60)")
     s.add_argument("--seed", type=int, default=0, help="seed of the synthetic archive")
