@@ -103,22 +103,30 @@ def fold_indices(store: Store, cfg: Config, fold: int) -> tuple[LesionIndex, Les
             lesion_index(store, [fold], cfg.train_size, cfg.other_lesions_channel))
 
 
-class LesionDataset(torch.utils.data.Dataset):
-    """Reads each sample from the Zarr store: simple and slow; for inspection and evaluation."""
+class StoreDataset(torch.utils.data.Dataset):
+    """Samples read straight from the Zarr store (simple and slow: for inspection, evaluation and as
+    the DALI loaders' reference); `index` has `store_path`, `study_keys` and a length."""
 
-    def __init__(self, index: LesionIndex):
+    def __init__(self, index):
         self.index = index
         self._store: Store | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict:
+    def study(self, key: str):
         if self._store is None:  # opened lazily: each DataLoader worker gets its own handle
             self._store = Store.open(self.index.store_path)
+        return self._store.study(key)
+
+
+class LesionDataset(StoreDataset):
+    """One lesion's network input a sample."""
+
+    def __getitem__(self, i: int) -> dict:
         ix = self.index
         s = int(ix.study[i])
-        g = self._store.study(ix.study_keys[s])
+        g = self.study(ix.study_keys[s])
         image = normalise(g["train_image"][...], ix.scale[s])
         x = make_input(image, g["train_labels"][...], int(ix.lesion_id[i]), ix.other_lesions_channel)
         return {"x": torch.from_numpy(x), "y": torch.tensor(ix.label[i]), "index": torch.tensor(i)}

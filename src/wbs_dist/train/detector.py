@@ -34,6 +34,7 @@ from wbs_dist.data.folds import lesion_folds
 from wbs_dist.data.store import Store, int_to_key
 from wbs_dist.errors import ConfigError
 from wbs_dist.preprocess import mirror_views, normalise
+from wbs_dist.train.dataset import StoreDataset
 
 WIDTHS = {"unet": ((16, 32, 64, 128, 256), (2, 2, 2, 2)), "unet_small": ((8, 16, 32), (2, 2))}
 
@@ -87,22 +88,17 @@ def study_index(store: Store, folds: Sequence[int]) -> StudyIndex:
     return StudyIndex(store.path, height, width, keys, scale, fold_of[first][keep].astype(np.int8))
 
 
-class StudyDataset(torch.utils.data.Dataset):
+class StudyDataset(StoreDataset):
     """(1, H, W) normalised training image and (1, H, W) lesion target of each study, read from the
     store; `flip_p` mirrors both views of a sample with that probability (training only)."""
 
     def __init__(self, index: StudyIndex, flip_p: float = 0.0, seed: int = 0):
-        self.index, self.flip_p = index, flip_p
+        super().__init__(index)
+        self.flip_p = flip_p
         self.rng = np.random.default_rng(seed)
-        self._store: Store | None = None
-
-    def __len__(self) -> int:
-        return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        if self._store is None:  # opened lazily: each DataLoader worker gets its own handle
-            self._store = Store.open(self.index.store_path)
-        g = self._store.study(self.index.study_keys[i])
+        g = self.study(self.index.study_keys[i])
         x = normalise(g["train_image"][...], self.index.scale[i])[None]
         y = (g["train_labels"][...] > 0).astype(np.int64)[None]
         if self.flip_p and self.rng.random() < self.flip_p:

@@ -141,15 +141,19 @@ class _Source:
             self._plan = (epoch, epoch_plan(self.n, epoch=epoch, **self.args))
         return self._plan[1]
 
-    def __call__(self, info):
+    def _draw(self, info):
+        """(cached images and label maps, sample index, valid, flip) of this batch."""
         epoch = self.start_epoch + info.epoch_idx
         step = info.iteration + (self.start_step if info.epoch_idx == 0 else 0)
         if step >= self.steps:
             raise StopIteration
         if self._arrays is None:
             self._arrays = self.cache.arrays()
-        images, labels = self._arrays
         idx, valid, flip = (a[step] for a in self.plan(epoch))
+        return self._arrays, idx, valid, flip
+
+    def __call__(self, info):
+        (images, labels), idx, valid, flip = self._draw(info)
         studies = self.study[idx]
         return ([np.asarray(images[s]) for s in studies],
                 [np.asarray(labels[s]) for s in studies],
@@ -164,14 +168,7 @@ class _StudySource(_Source):
     """Whole-study samples (the detector's): image, label map, flip, valid, index."""
 
     def __call__(self, info):
-        epoch = self.start_epoch + info.epoch_idx
-        step = info.iteration + (self.start_step if info.epoch_idx == 0 else 0)
-        if step >= self.steps:
-            raise StopIteration
-        if self._arrays is None:
-            self._arrays = self.cache.arrays()
-        images, labels = self._arrays
-        idx, valid, flip = (a[step] for a in self.plan(epoch))
+        (images, labels), idx, valid, flip = self._draw(info)
         return ([np.asarray(images[s]) for s in idx], [np.asarray(labels[s]) for s in idx],
                 [np.array([f], np.int32) for f in flip], [np.array(v, np.float32) for v in valid],
                 [np.array(i, np.int64) for i in idx])
@@ -278,15 +275,18 @@ class LesionLoader:
         """The batches of the current epoch (the rest of it, after a mid-epoch resume)."""
         while True:
             try:
-                x, y, valid, index = self.pipe.run()
+                outputs = self.pipe.run()
             except StopIteration:
                 self.pipe.reset()
                 self.epoch_number += 1
                 self.step = 0
                 return
             self.step += 1
-            # Labels, mask and indices are tiny: copied, so only x carries the next-batch lifetime.
-            yield Batch(self._to_torch(x), _cpu(y).clone(), _cpu(valid).clone(), _cpu(index).clone())
+            yield self._batch(*outputs)
+
+    def _batch(self, x, y, valid, index) -> Batch:
+        # Labels, mask and indices are tiny: copied, so only x carries the next-batch lifetime.
+        return Batch(self._to_torch(x), _cpu(y).clone(), _cpu(valid).clone(), _cpu(index).clone())
 
     def _to_torch(self, tl) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -329,17 +329,8 @@ class StudyLoader(LesionLoader):
                                     device_id=device_id, workers=workers, seed=seed)
         self.pipe.build()
 
-    def epoch(self):
-        while True:
-            try:
-                x, valid, index = self.pipe.run()
-            except StopIteration:
-                self.pipe.reset()
-                self.epoch_number += 1
-                self.step = 0
-                return
-            self.step += 1
-            yield Batch(self._to_torch(x), torch.zeros(0), _cpu(valid).clone(), _cpu(index).clone())
+    def _batch(self, x, valid, index) -> Batch:
+        return Batch(self._to_torch(x), torch.zeros(0), _cpu(valid).clone(), _cpu(index).clone())
 
 
 def _cpu(tl) -> torch.Tensor:
