@@ -51,14 +51,30 @@ def build_detector(name: str = "unet") -> torch.nn.Module:
 
 
 def detector_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(N,) Dice + cross-entropy of each sample (see the module note): logits (N, 2, H, W), target
-    (N, 1, H, W) of 0/1, in fp32 whatever the autocast."""
+    """(N,) Dice + cross-entropy of each sample (validation's loss, per study): logits (N, 2, H, W),
+    target (N, 1, H, W) of 0/1, in fp32 whatever the autocast."""
     from monai.losses import DiceLoss
 
     logits, target = logits.float(), target.long()
     dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")(logits, target)
     ce = torch.nn.functional.cross_entropy(logits, target[:, 0], reduction="none").mean(dim=(1, 2))
     return dice.reshape(len(logits)) + ce
+
+
+def training_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor,
+                  world: int) -> torch.Tensor:
+    """Cross-entropy per real sample (padding left out, every sample weighing the same on any rank)
+    plus the batch's Dice: the lesion pixels of this rank's real samples in one ratio (nnU-Net's
+    batch Dice). A per-study Dice swings from 0 to 1 on a study whose lesions are a few pixels at the
+    training level; on the demo's store it held the U-Net at "no lesion anywhere" for 72 steps."""
+    logits, target = logits.float(), target.float()
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none").mean(dim=(1, 2))
+    ce = (ce * valid).sum() * world / n_valid.clamp(min=1)
+    w = valid.view(-1, 1, 1)
+    p = torch.softmax(logits, dim=1)[:, 1] * w
+    t = target[:, 0] * w
+    dice = 1 - (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5)
+    return ce + dice
 
 
 @dataclass

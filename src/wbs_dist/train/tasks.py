@@ -158,9 +158,9 @@ class DetectTask:
         return batch.x[:, :1]
 
     def loss(self, output, batch, valid: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-        from wbs_dist.train.detector import detector_loss
+        from wbs_dist.train.detector import training_loss
 
-        return _per_sample_mean(detector_loss(output, batch.x[:, 1:]), valid, n_valid, self.world)
+        return training_loss(output, batch.x[:, 1:].to(output.device), valid, n_valid, self.world)
 
     def _counts(self, forward, loader) -> dict:
         """Per study: loss and (found, lesions, false) at every FROC threshold, gathered in study order.
