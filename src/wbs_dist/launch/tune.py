@@ -31,14 +31,14 @@ from typing import Any
 
 import yaml
 
-from wbs_dist.atomic import write_csv, write_text
+from wbs_dist.atomic import write_text
 from wbs_dist.config import (Config, at_least, check, coerce, control_chars, key, load_config, no_control_chars,
                              parse_override, read_mapping, result_keys)
 from wbs_dist.errors import ConfigError, UsageError, WbsError
+from wbs_dist.launch.tune_results import METRIC, results_markdown, write_results  # noqa: F401 (the API)
 
 log = logging.getLogger("wbs_dist.tune")
 
-METRIC = "mean_val_auc"
 TRAIN_PREFIX = "train."
 PROGRESS_FILE = "progress.json"
 # A Ray worker started by `srun` (SLURM) or torchrun inherits its rank variables; a trial is one
@@ -165,6 +165,7 @@ def _seed_fold_epoch(seed: int, fold: int, epoch: int) -> None:
 
 
 def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
+    import ray
     import torch
     from ray import tune
 
@@ -196,7 +197,8 @@ def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
             if None in aucs:
                 raise UsageError(f"fold {aucs.index(None)}: validation lesions of one class only, AUC undefined; "
                                  f"use fewer folds (train.folds) or more annotated patients")
-            metrics = {"epochs": epoch + 1, METRIC: sum(aucs) / len(aucs),
+            # The node id: trials of a sweep over several nodes (slurm/tune.sh -N2) say where they ran.
+            metrics = {"epochs": epoch + 1, METRIC: sum(aucs) / len(aucs), "node": ray.get_runtime_context().get_node_id(),
                        **{f"fold{k}_val_auc": a for k, a in enumerate(aucs)}}
             if epoch + 1 == cfg.epochs:
                 # Before the last report: Tune ends the trial there (ASHA's max_t) without returning.
@@ -323,7 +325,8 @@ def _rows(grid, spec: TuneSpec, base: Config) -> list[dict]:
         epochs = int(metrics.get("epochs", 0))
         status = "error" if res.error else "completed" if epochs >= spec.max_epochs else "stopped"
         row = {"trial": Path(res.path).name, "status": status, "lr": trial_lr(spec, base, res.config),
-               "batch_size": int(res.config["batch_size"]), "epochs": epochs, METRIC: metrics.get(METRIC)}
+               "batch_size": int(res.config["batch_size"]), "epochs": epochs, METRIC: metrics.get(METRIC),
+               "node": metrics.get("node")}
         row.update({f"fold{k}_val_auc": metrics.get(f"fold{k}_val_auc") for k in range(base.folds)})
         if res.error:
             row["error"] = str(res.error).strip().splitlines()[-1]
@@ -331,47 +334,6 @@ def _rows(grid, spec: TuneSpec, base: Config) -> list[dict]:
     rows.sort(key=lambda r: (r["status"] != "completed", -r["epochs"],
                              -(r[METRIC] if r[METRIC] is not None else -math.inf)))
     return rows
-
-
-# -- the results -------------------------------------------------------------------------------------
-def _columns(folds: int) -> list[str]:
-    return ["trial", "status", "lr", "batch_size", "epochs", METRIC] + [f"fold{k}_val_auc" for k in range(folds)]
-
-
-def _cell(col: str, value) -> str:
-    if value is None:
-        return "-"
-    if col == "lr":
-        return f"{value:.2e}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def results_markdown(rows: list[dict], folds: int) -> str:
-    cols = _columns(folds)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("trial", "status") else "---:" for c in cols) + "|"]
-    lines += ["| " + " | ".join(_cell(c, r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(rows: list[dict], spec: TuneSpec, base: Config) -> dict | None:
-    """results.csv, results.md and best.yaml (from the completed trial with the highest mean AUC at
-    its final epoch) in the experiment directory; the best row, or None when no trial completed."""
-    exp = spec.experiment_dir
-    cols = _columns(base.folds)
-    write_csv(exp / "results.csv", cols, [[r.get(c) for c in cols] for r in rows])
-    write_text(exp / "results.md", results_markdown(rows, base.folds))
-    completed = [r for r in rows if r["status"] == "completed"]
-    if not completed:
-        return None
-    best = max(completed, key=lambda r: r[METRIC])
-    # The full protocol (the base config's epochs) with the sweep's lr and batch; its own run
-    # directory, so that it never meets another run's checkpoints.
-    cfg = dataclasses.replace(base, lr=best["lr"], batch_size=best["batch_size"], run_dir=str(exp / "best"))
-    header = (f"# Best of the sweep {exp}: trial {best['trial']}, mean validation AUC {best[METRIC]:.4f} over "
-              f"{base.folds} folds after {best['epochs']} epochs.\n# lr and batch_size from the sweep, run_dir its own; "
-              f"everything else (epochs included) from {spec.base} and the train.* overrides.\n")
-    write_text(exp / "best.yaml", header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return best
 
 
 @dataclass
