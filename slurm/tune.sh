@@ -36,11 +36,11 @@ export RAY_AUTH_MODE=token
 ray_tmp=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-XXXX")
 
 # stop_node_processes: end every process of this job on this node but the calling shell: TERM, up to
-# 2 s, then KILL. Needed because SLURM finds a job's processes by their parent (proctrack/linuxproc
-# where there are no cgroups): a Ray process whose parent exits first (ray start --block drains for
-# 30 s on SIGTERM while raylet exits at once, orphaning a worker) escapes scancel's SIGKILL, and one
-# `ray start` outlived a cancelled job by over 30 s in the tests. Chosen by SLURM_JOB_ID and
-# SLURMD_NODENAME in their environment: never another job's Ray, nor another node's on a shared host.
+# 2 s, then KILL. Without cgroups (proctrack/linuxproc) SLURM finds a job's processes through their
+# parents, so a process whose parent exits first escapes scancel's SIGKILL: in the tests a worker's
+# `ray start --block` (which drains for up to 30 s on SIGTERM) outlived its cancelled job by over 30 s
+# once the shell around it had exited on the signal. Chosen by SLURM_JOB_ID and SLURMD_NODENAME in
+# their environment: never another job's Ray, nor another node's on a shared host.
 stop_node_processes() {
     python - "$$" <<'PY'
 import os, signal, sys, time
