@@ -40,7 +40,8 @@ ray_tmp=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-XXXX")
 # parents, so a process whose parent exits first escapes scancel's SIGKILL: in the tests a worker's
 # `ray start --block` (which drains for up to 30 s on SIGTERM) outlived its cancelled job by over 30 s
 # once the shell around it had exited on the signal. Chosen by SLURM_JOB_ID and SLURMD_NODENAME in
-# their environment: never another job's Ray, nor another node's on a shared host.
+# their environment: never another job's Ray, nor another node's on a shared host; never the step
+# that cleanup() starts to run this (WBS_TUNE_STOPPER), which a worker's own trap would otherwise end.
 stop_node_processes() {
     python - "$$" <<'PY'
 import os, signal, sys, time
@@ -51,7 +52,8 @@ def ours():
     found = []
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if int(p) not in spare and wanted <= set(open(f"/proc/{p}/environ", "rb").read().split(b"\0")):
+            env = set(open(f"/proc/{p}/environ", "rb").read().split(b"\0"))
+            if int(p) not in spare and wanted <= env and b"WBS_TUNE_STOPPER=1" not in env:
                 found.append(int(p))
         except OSError:
             pass
@@ -83,8 +85,15 @@ cleanup() {
         for _ in $(seq 6); do kill -0 "$driver" 2>/dev/null || break; sleep 0.5; done
         kill -KILL "$driver" 2>/dev/null || true
     fi
-    # The srun of the workers passes the TERM to every other node, where the worker's own trap ends
-    # that node's Ray; then this node's.
+    if ((${#pids[@]} > 1)); then
+        # Ray on every other node, stopped by a step of its own there: ending the workers' srun
+        # kills their shells at once, which left their session folders behind. After a scancel no
+        # step can start (this fails at once); SLURM's own kill and the workers' traps do it then.
+        WBS_TUNE_STOPPER=1 timeout 30 srun --overlap --nodes=$((${#nodes[@]} - 1)) --ntasks=$((${#nodes[@]} - 1)) \
+            --exclude="${nodes[0]}" bash -c 'stop_node_processes; rm -rf "/tmp/ray-$(id -u)-$SLURM_JOB_ID-w-"*' \
+            > /dev/null 2>&1 || true
+    fi
+    # Then this node's: the head, the driver's leftovers, the srun of the workers.
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     stop_node_processes
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
@@ -112,8 +121,8 @@ done
 if ((${#nodes[@]} > 1)); then
     # One worker a node, each with a session folder of its own on that node (made there: /tmp is
     # node-local; without --temp-dir a worker used the fixed /tmp/ray, which another user or job may
-    # hold), removed when its Ray stops. Ending this srun (cleanup), or scancel, sends the worker
-    # SIGTERM, and it ends every process of the job on its node (stop_node_processes).
+    # hold), removed when its Ray stops (cleanup, below). On scancel the worker gets SIGTERM and ends
+    # every process of the job on its node itself (stop_node_processes).
     srun --nodes=$((${#nodes[@]} - 1)) --ntasks=$((${#nodes[@]} - 1)) --exclude="${nodes[0]}" bash -c '
         d=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-w-XXXX")
         trap "rm -rf \"\$d\"" EXIT

@@ -321,6 +321,9 @@ def test_sbatch_tune_sh_on_two_nodes_runs_trials_on_both(slurm_cluster, loader_s
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     assert len({r["node"] for r in rows}) == 2 and all(rows[0]["node"] and rows[1]["node"]), rows
     wait_gone(jobid)
+    # Each node's Ray session folder (node-local /tmp; here both nodes share one).
+    left = list(Path("/tmp").glob(f"ray-{os.getuid()}-{jobid}-*"))
+    assert not left, f"session folders left on the nodes: {left}"
 
 
 def test_scancel_of_a_two_node_sweep_leaves_no_ray_on_either_node(slurm_cluster, loader_store, tmp_path):
