@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the one-node SLURM cluster started by hpc/slurm-up.sh.
+# Stop the local SLURM cluster started by hpc/slurm-up.sh (every node's slurmd).
 #
 #   bash hpc/slurm-down.sh            # stop the daemons; keep state (jobs, accounting, logs) for the next up
 #   bash hpc/slurm-down.sh --purge    # also cancel all jobs first and delete the state directory
@@ -21,6 +21,8 @@ done
 say() { echo "[slurm-down] $*" >&2; }
 
 pidfile() { if [[ $1 == munged ]]; then echo "$state/munge/munged.pid"; else echo "$state/run/$1.pid"; fi; }
+# slurmd-NODE is the slurmd of node NODE (one per node; the one-node cluster of earlier versions: slurmd).
+program() { if [[ $1 == slurmd-* ]]; then echo slurmd; else echo "$1"; fi; }
 
 # running PID NAME: PID is a live NAME. Our daemons end up children of PID 1, which here does not
 # always reap them: a zombie keeps its name, so it counts as gone.
@@ -35,7 +37,7 @@ pid_of() {
     f="$(pidfile "$1")"
     [[ -s "$f" ]] || return 0
     pid="$(tr -dc '0-9' < "$f")"
-    if [[ -n "$pid" ]] && running "$pid" "$1"; then echo "$pid"; fi
+    if [[ -n "$pid" ]] && running "$pid" "$(program "$1")"; then echo "$pid"; fi
     return 0
 }
 
@@ -50,10 +52,10 @@ stop() {
     kill -TERM "$pid" 2>/dev/null || true
     # MariaDB flushes on TERM, the others exit at once; 20 s covers a slow disk before we insist.
     for ((i = 0; i < 100; i++)); do
-        running "$pid" "$name" || break
+        running "$pid" "$(program "$name")" || break
         sleep 0.2
     done
-    if running "$pid" "$name"; then
+    if running "$pid" "$(program "$name")"; then
         say "$name (pid $pid) ignored SIGTERM for 20 s; killing it"
         kill -KILL "$pid" 2>/dev/null || true
     fi
@@ -82,8 +84,12 @@ if ((purge)) && [[ -n "$(pid_of slurmctld)" ]]; then
     done
 fi
 
-# Reverse start order: compute side first, the database and authentication last.
-for d in slurmd slurmctld slurmdbd mariadbd munged; do stop "$d"; done
+# Reverse start order: compute side first (every node's slurmd), the database and authentication last.
+slurmds=()
+for f in "$state"/run/slurmd*.pid; do
+    if [[ -e "$f" ]]; then slurmds+=("$(basename "$f" .pid)"); fi
+done
+for d in "${slurmds[@]}" slurmctld slurmdbd mariadbd munged; do stop "$d"; done
 
 if ((purge)); then
     case "$state" in

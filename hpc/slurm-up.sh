@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# Start a real one-node SLURM cluster on localhost (Debian slurm-wlm 22.05 + munge + slurmdbd/MariaDB).
+# Start a real SLURM cluster of N nodes on localhost (Debian slurm-wlm 22.05 + munge + slurmdbd/MariaDB).
 #
-#   sudo bash hpc/slurm-up.sh          # then: source hpc/slurm-env.sh; sbatch --wrap hostname
+#   sudo bash hpc/slurm-up.sh              # one node; then: source hpc/slurm-env.sh; sbatch --wrap hostname
+#   sudo bash hpc/slurm-up.sh --nodes 2    # two nodes on this host (the test suite's cluster): sbatch -N2 ...
 #
-# Used by the tests and the demo. Idempotent: a healthy cluster is left alone (exit 0 in well under a
+# Several nodes on one host: each is its own slurmd (`slurmd -N NAME`) with its own NodeName, port,
+# spool directory, pid file and log; all of them reach this host at 127.0.0.1. The first node is named
+# after this host (`hostname -s`), the others <host>2, <host>3, ...
+# Used by the tests and the demo. Idempotent: a healthy cluster of the same N is left alone (exit 0 in well under a
 # second), dead daemons (even after kill -9, with stale pid files) are restarted, missing Debian
-# packages are installed. There is no systemd here, so every daemon is started directly and keeps its
+# packages are installed; another N rewrites slurm.conf and restarts the daemons. There is no systemd here, so every daemon is started directly and keeps its
 # config, spool, logs, pid file and data under one state directory:
 #   WBS_SLURM_STATE       state directory (default /tmp/wbs-slurm)
-#   WBS_SLURM_PORT_BASE   slurmctld port; slurmd, slurmdbd use the next two (default 6817, SLURM's own)
+#   WBS_SLURM_PORT_BASE   slurmctld port; slurmd, slurmdbd use the next two (default 6817, SLURM's own);
+#                         the slurmd of node i >= 2 listens on WBS_SLURM_PORT_BASE + 1 + i (6820, 6821, ...)
+#   WBS_SLURM_CPUS        CPUs each node advertises (default 8 / N: 8 for one node, 4 each for two)
 # Nothing is written to /etc: clients find the cluster through SLURM_CONF (see hpc/slurm-env.sh and the
 # `env` file this script writes into the state directory).
 # Stop with hpc/slurm-down.sh [--purge].
 set -euo pipefail
+
+nnodes=1
+while (($#)); do
+    case "$1" in
+        --nodes) nnodes="${2:-}"; shift 2 || { echo "[slurm-up] --nodes needs a number" >&2; exit 2; } ;;
+        --nodes=*) nnodes="${1#--nodes=}"; shift ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "[slurm-up] unknown argument: $1 (use --nodes N)" >&2; exit 2 ;;
+    esac
+done
+[[ "$nnodes" =~ ^[1-9][0-9]?$ ]] || { echo "[slurm-up] --nodes: a number from 1 to 99, not '$nnodes'" >&2; exit 2; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 state="${WBS_SLURM_STATE:-/tmp/wbs-slurm}"
@@ -46,7 +63,9 @@ die() {
 # alive NAME: the pid file names a live process that really is NAME (a stale pid file after kill -9
 # may name a pid since reused by something else). Daemons end up children of PID 1, which here does
 # not always reap them: a zombie keeps its name, so it is counted as dead explicitly.
+# Daemon names are program names, except slurmd-NODE: the slurmd of node NODE (SlurmdPidFile has %n).
 pidfile() { if [[ $1 == munged ]]; then echo "$munge_dir/munged.pid"; else echo "$run/$1.pid"; fi; }
+program() { if [[ $1 == slurmd-* ]]; then echo slurmd; else echo "$1"; fi; }
 proc_alive() {  # PID NAME
     [[ -n "$1" && -r "/proc/$1/comm" && "$(cat "/proc/$1/comm" 2>/dev/null)" == "$2" ]] || return 1
     ! grep -qE '^State:[[:space:]]+[ZX]' "/proc/$1/status" 2>/dev/null
@@ -54,7 +73,7 @@ proc_alive() {  # PID NAME
 alive() {
     local pidfile
     pidfile="$(pidfile "$1")"
-    [[ -s "$pidfile" ]] && proc_alive "$(tr -dc '0-9' < "$pidfile")" "$1"
+    [[ -s "$pidfile" ]] && proc_alive "$(tr -dc '0-9' < "$pidfile")" "$(program "$1")"
 }
 
 # died NAME: NAME was started and is gone again, so waiting longer for it is pointless. The daemons
@@ -87,23 +106,27 @@ wait_for() {
     done
 }
 
-node="$(hostname -s)"
+host="$(hostname -s)"
+nodes=("$host")
+for ((i = 2; i <= nnodes; i++)); do nodes+=("$host$i"); done
+node_csv="$(IFS=,; echo "${nodes[*]}")"
 
-node_state() { timeout 10 sinfo -h -N -n "$node" -o %T 2>/dev/null | head -n1; }
-node_ready() { [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; }
+node_state() { timeout 10 sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n1; }
+node_ready() { [[ "$(node_state "$1")" =~ ^(idle|mixed|allocated|completing)$ ]]; }
 sacct_ok() { timeout 10 sacct -n -X -S now-1minutes >/dev/null 2>&1; }
 
 healthy() {
     [[ -f "$conf" && -f "$state/env" ]] || return 1
-    local d
-    for d in munged mariadbd slurmdbd slurmctld slurmd; do alive "$d" || return 1; done
-    node_ready && sacct_ok
+    local d n
+    for d in munged mariadbd slurmdbd slurmctld "${nodes[@]/#/slurmd-}"; do alive "$d" || return 1; done
+    for n in "${nodes[@]}"; do node_ready "$n" || return 1; done
+    sacct_ok
 }
 
 print_env() {
     local took
     took=$(awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-    say "cluster '$cluster' up in ${took} s: node $node ($(timeout 10 sinfo -h -N -o '%c CPUs, %m MB, %T' | head -n1)), partition debug"
+    say "cluster '$cluster' up in ${took} s: ${#nodes[@]} node(s) $node_csv ($(timeout 10 sinfo -h -N -p debug -o '%c CPUs, %m MB, %T' | head -n1) each), partition debug"
     say "logs: $log"
     say "clients need (or: source hpc/slurm-env.sh):"
     sed 's/^/export /' "$state/env"
@@ -166,13 +189,21 @@ hw="$(slurmd -C | head -n1)" || die "slurmd -C failed"
 hw_field() { sed -n "s/.*\b$1=\([0-9]*\).*/\1/p" <<< "$hw"; }
 cpus="$(hw_field CPUs)" mem="$(hw_field RealMemory)"
 [[ -n "$cpus" && -n "$mem" ]] || die "could not parse CPUs/RealMemory from: $hw"
-# The node advertises WBS_SLURM_CPUS CPUs (default 8, oversubscribing a small machine), so that a
-# driver job (sbatch slurm/cv.sh) and two 2-task DDP fold jobs fit at once on a 2-core test machine;
+# The nodes advertise 8 CPUs in all (WBS_SLURM_CPUS each, default 8 / N), oversubscribing a small
+# machine, so that a driver job (sbatch slurm/cv.sh) and three 2-task DDP fold jobs fit at once on a
+# 2-core test machine, whatever N: two nodes do not double the load the tests put on the machine.
 # config_overrides lets slurmd accept more CPUs than it counts. Set WBS_SLURM_CPUS=$cpus for the real count.
-cpus="${WBS_SLURM_CPUS:-8}"
+cpus="${WBS_SLURM_CPUS:-$(( 8 / nnodes > 0 ? 8 / nnodes : 1 ))}"
+# Each node claims the host's memory: memory is not a consumable here (CR_CPU).
 hw_line="CPUs=$cpus RealMemory=$mem"
 
 ctld_port=$port_base slurmd_port=$((port_base + 1)) dbd_port=$((port_base + 2))
+# node_port I: the slurmd port of the I-th node (1-based); the first keeps SLURM's default 6818.
+node_port() { if (($1 == 1)); then echo "$slurmd_port"; else echo $((port_base + 1 + $1)); fi; }
+node_lines=""
+for ((i = 1; i <= nnodes; i++)); do
+    node_lines+="NodeName=${nodes[i-1]} NodeHostname=$host NodeAddr=127.0.0.1 Port=$(node_port "$i") $hw_line State=UNKNOWN"$'\n'
+done
 
 # write_config FILE MODE: stdin into FILE; the temporary file gets MODE before any byte is written.
 write_config() {
@@ -183,9 +214,9 @@ write_config() {
 }
 
 write_config "$conf" 644 <<EOF
-# Written by hpc/slurm-up.sh: a one-node test cluster. Timeouts are short so that tests are fast.
+# Written by hpc/slurm-up.sh: a test cluster of $nnodes node(s) on this host. Timeouts are short so that tests are fast.
 ClusterName=$cluster
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
@@ -194,11 +225,12 @@ CredType=cred/munge
 # cred_expire also holds a requeued job back before it may start again (default 120 s).
 AuthInfo=socket=$munge_sock,cred_expire=5
 StateSaveLocation=$spool/ctld
-SlurmdSpoolDir=$spool/d
+# %n: the node's name, so that the slurmds of one host keep apart.
+SlurmdSpoolDir=$spool/d/%n
 SlurmctldPidFile=$run/slurmctld.pid
-SlurmdPidFile=$run/slurmd.pid
+SlurmdPidFile=$run/slurmd-%n.pid
 SlurmctldLogFile=$log/slurmctld.log
-SlurmdLogFile=$log/slurmd.log
+SlurmdLogFile=$log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -235,9 +267,8 @@ InactiveLimit=0
 KillWait=5
 MinJobAge=10
 Waittime=0
-NodeName=$node NodeAddr=127.0.0.1 $hw_line State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
-PartitionName=urgent Nodes=$node MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+${node_lines}PartitionName=debug Nodes=$node_csv Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=10
+PartitionName=urgent Nodes=$node_csv MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 
 # One database password for the life of the state directory.
@@ -298,7 +329,12 @@ if [[ "$(cat "$run/config.sha256" 2>/dev/null)" == "$config_sum" ]]; then
         exit 0
     fi
 else
-    for d in munged mariadbd slurmdbd slurmctld slurmd; do
+    # Every slurmd there is (an earlier run may have had more nodes, or the one-node slurmd.pid).
+    running_nodes=()
+    for f in "$run"/slurmd*.pid; do
+        if [[ -e "$f" ]]; then running_nodes+=("$(basename "$f" .pid)"); fi
+    done
+    for d in munged mariadbd slurmdbd slurmctld "${running_nodes[@]}"; do
         if alive "$d"; then
             say "configuration changed since the daemons started: restarting them"
             WBS_SLURM_LOCKED=1 bash "$here/slurm-down.sh"
@@ -387,19 +423,26 @@ if ! alive slurmctld; then
 fi
 wait_for 30 slurmctld ctld_ok || die "slurmctld does not answer on port $ctld_port" "$log/slurmctld.log"
 
-if ! alive slurmd; then
-    say "starting slurmd"
-    rm -f "$run/slurmd.pid"
-    slurmd -N "$node" < /dev/null >> "$log/slurmd.log" 2>&1 9>&- || die "slurmd did not start" "$log/slurmd.log"
-fi
-registered() { [[ -n "$(node_state)" && ! "$(node_state)" =~ ^(unknown|down) ]]; }
-wait_for 30 slurmd registered || die "node $node did not register (state: $(node_state))" "$log/slurmd.log"
-# A node drained or downed by an earlier run (killed slurmd, missed heartbeats) stays out of service
-# until told otherwise.
-if [[ "$(node_state)" =~ ^(drain|drained|draining|down|fail) ]]; then
-    scontrol update NodeName="$node" State=RESUME || true
-fi
-wait_for 30 slurmctld node_ready || die "node $node is not usable (state: $(node_state))" "$log/slurmctld.log"
+for node in "${nodes[@]}"; do
+    if ! alive "slurmd-$node"; then
+        say "starting slurmd for node $node"
+        rm -f "$run/slurmd-$node.pid"
+        mkdir -p "$spool/d/$node"
+        slurmd -N "$node" < /dev/null >> "$log/slurmd-$node.log" 2>&1 9>&- \
+            || die "slurmd for node $node did not start" "$log/slurmd-$node.log"
+    fi
+done
+registered() { [[ -n "$(node_state "$1")" && ! "$(node_state "$1")" =~ ^(unknown|down) ]]; }
+for node in "${nodes[@]}"; do
+    wait_for 30 "slurmd-$node" registered "$node" \
+        || die "node $node did not register (state: $(node_state "$node"))" "$log/slurmd-$node.log"
+    # A node drained or downed by an earlier run (killed slurmd, missed heartbeats) stays out of
+    # service until told otherwise.
+    if [[ "$(node_state "$node")" =~ ^(drain|drained|draining|down|fail) ]]; then
+        scontrol update NodeName="$node" State=RESUME || true
+    fi
+    wait_for 30 slurmctld node_ready "$node" || die "node $node is not usable (state: $(node_state "$node"))" "$log/slurmctld.log"
+done
 wait_for 30 slurmdbd sacct_ok || die "sacct does not answer" "$log/slurmdbd.log"
 echo "$config_sum" > "$run/config.sha256"
 

@@ -35,6 +35,42 @@ export RAY_AUTH_MODE=token
 # short: Ray's socket paths must fit in 107 bytes.
 ray_tmp=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-XXXX")
 
+# stop_node_processes: end every process of this job on this node but the calling shell: TERM, up to
+# 2 s, then KILL. Without cgroups (proctrack/linuxproc) SLURM finds a job's processes through their
+# parents, so a process whose parent exits first escapes scancel's SIGKILL: in the tests a worker's
+# `ray start --block` (which drains for up to 30 s on SIGTERM) outlived its cancelled job by over 30 s
+# once the shell around it had exited on the signal. Chosen by SLURM_JOB_ID and SLURMD_NODENAME in
+# their environment: never another job's Ray, nor another node's on a shared host; never the step
+# that cleanup() starts to run this (WBS_TUNE_STOPPER), which a worker's own trap would otherwise end.
+stop_node_processes() {
+    python - "$$" <<'PY'
+import os, signal, sys, time
+spare = {int(sys.argv[1]), os.getpid()}
+wanted = {f"SLURM_JOB_ID={os.environ['SLURM_JOB_ID']}".encode(),
+          f"SLURMD_NODENAME={os.environ.get('SLURMD_NODENAME', '')}".encode()}
+def ours():
+    found = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = set(open(f"/proc/{p}/environ", "rb").read().split(b"\0"))
+            if int(p) not in spare and wanted <= env and b"WBS_TUNE_STOPPER=1" not in env:
+                found.append(int(p))
+        except OSError:
+            pass
+    return found
+for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
+    for p in ours():
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.1)
+PY
+}
+export -f stop_node_processes
+
 pids=()
 # Ray started with --block fate-shares with its `ray start` process: ending that process (here; the
 # srun of the workers carries the signal to their nodes) ends every Ray process it started. Only this
@@ -43,11 +79,23 @@ cleanup() {
     trap - EXIT TERM INT USR2
     if [[ -n "${driver:-}" ]] && kill -0 "$driver" 2>/dev/null; then
         # Tune saves its experiment state and stops on SIGUSR1 (SIGINT is ignored by background jobs).
+        # Tune also saves its state with every reported epoch, so a short wait loses nothing: scancel
+        # kills the whole job KillWait after its SIGTERM (30 s by default; 5 s on the test cluster).
         kill -USR1 "$driver" 2>/dev/null || true
-        for _ in $(seq 20); do kill -0 "$driver" 2>/dev/null || break; sleep 0.5; done
+        for _ in $(seq 6); do kill -0 "$driver" 2>/dev/null || break; sleep 0.5; done
         kill -KILL "$driver" 2>/dev/null || true
     fi
+    if ((${#pids[@]} > 1)); then
+        # Ray on every other node, stopped by a step of its own there: ending the workers' srun
+        # kills their shells at once, which left their session folders behind. After a scancel no
+        # step can start (this fails at once); SLURM's own kill and the workers' traps do it then.
+        WBS_TUNE_STOPPER=1 timeout 30 srun --overlap --nodes=$((${#nodes[@]} - 1)) --ntasks=$((${#nodes[@]} - 1)) \
+            --exclude="${nodes[0]}" bash -c 'stop_node_processes; rm -rf "/tmp/ray-$(id -u)-$SLURM_JOB_ID-w-"*' \
+            > /dev/null 2>&1 || true
+    fi
+    # Then this node's: the head, the driver's leftovers, the srun of the workers.
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    stop_node_processes
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$ray_tmp"     # node-local session files; the sweep's own results are in storage_path
 }
@@ -71,8 +119,16 @@ while ((SECONDS < deadline)); do
 done
 ((ready)) || { echo "[tune.sh] the Ray head at $RAY_ADDRESS did not answer within 180 s" >&2; exit 1; }
 if ((${#nodes[@]} > 1)); then
-    srun --nodes=$((${#nodes[@]} - 1)) --ntasks=$((${#nodes[@]} - 1)) --exclude="${nodes[0]}" \
-        ray start --address="$RAY_ADDRESS" --num-cpus="$cpus" --disable-usage-stats --block &
+    # One worker a node, each with a session folder of its own on that node (made there: /tmp is
+    # node-local; without --temp-dir a worker used the fixed /tmp/ray, which another user or job may
+    # hold), removed when its Ray stops (cleanup, below). On scancel the worker gets SIGTERM and ends
+    # every process of the job on its node itself (stop_node_processes).
+    srun --nodes=$((${#nodes[@]} - 1)) --ntasks=$((${#nodes[@]} - 1)) --exclude="${nodes[0]}" bash -c '
+        d=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-w-XXXX")
+        trap "rm -rf \"\$d\"" EXIT
+        trap "stop_node_processes; exit 143" TERM INT
+        ray start --address="$RAY_ADDRESS" --num-cpus="$1" --temp-dir="$d" --disable-usage-stats --block &
+        wait $!' worker "$cpus" &
     pids+=($!)
 fi
 

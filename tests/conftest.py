@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, build_store
+from helpers import SLURM_NODES, build_store, slurm_up
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,19 +49,19 @@ def loader_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """Start (or reuse) the local cluster; yield the client environment, also set in os.environ.
+    """Start (or reuse) the local cluster of SLURM_NODES nodes; yield the client environment, also set in
+    os.environ.
 
     Set in os.environ because submitit and other code under test call sbatch/sacct themselves; sbatch
     passes it on to the jobs. The cluster is left running afterwards: the next session reuses it in
     well under a second, and `bash hpc/slurm-down.sh` stops it.
     """
     try:
-        r = subprocess.run(["bash", str(ROOT / "hpc" / "slurm-up.sh")], capture_output=True, text=True,
-                           timeout=900)
+        r = slurm_up(SLURM_NODES)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"hpc/slurm-up.sh did not finish in {e.timeout} s:\n{e.stderr or ''}", pytrace=False)
     if r.returncode != 0:
-        pytest.fail(f"hpc/slurm-up.sh could not start the SLURM cluster (exit {r.returncode}):\n"
+        pytest.fail(f"hpc/slurm-up.sh --nodes {SLURM_NODES} could not start the SLURM cluster (exit {r.returncode}):\n"
                     f"{r.stderr}\n{r.stdout}", pytrace=False)
     state = Path(os.environ.get("WBS_SLURM_STATE", "/tmp/wbs-slurm"))
     env = dict(line.split("=", 1) for line in (state / "env").read_text().splitlines() if "=" in line)

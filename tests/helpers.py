@@ -70,6 +70,16 @@ def kill_point_rng(name: str) -> random.Random:
 
 
 # -- the SLURM client, for the tests that run against hpc/slurm-up.sh's cluster ---------------------
+# The suite's cluster: two nodes on this host (hpc/slurm-up.sh --nodes 2), so that the multi-node tests
+# (DDP across nodes, Ray across an allocation) run beside the one-node ones without a restart.
+SLURM_NODES = 2
+
+
+def slurm_up(nodes: int = SLURM_NODES, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "hpc" / "slurm-up.sh"), "--nodes", str(nodes)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def slurm(*cmd, timeout=30) -> str:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr}{r.stdout}"

@@ -147,6 +147,90 @@ def test_requeued_fold_resumes_and_ends_like_an_uninterrupted_run(slurm_cluster,
         (tmp_path / "ref" / "fold1" / "predictions.csv").read_bytes()
 
 
+# -- one fold across two nodes ------------------------------------------------------------------------
+# Two ranks either way, one CPU (thread) each: on CPU, 2-rank gloo all-reduces sum two numbers, which
+# is the same in any order, so where the ranks run must not change a bit of the result.
+MULTI = {"epochs": 2, "checkpoint_every": 2, "slurm_cpus_per_task": 1}
+MULTI_FOLD = 2
+
+
+def _submit_fold(cfg_path: Path, fold: int = MULTI_FOLD):
+    from wbs_dist.launch.slurm import FoldJob, _executor
+
+    cfg = load_config(cfg_path)
+    return _executor(cfg).submit(FoldJob(cfg.to_dict()), fold)
+
+
+def _finished(job, what: str) -> None:
+    _wait(lambda: _sacct_state(job.job_id) in TERMINAL, what, timeout=900)
+    assert _sacct_state(job.job_id) == "COMPLETED", _fold_log(job)
+
+
+def _fold_log(job) -> str:
+    try:
+        return (job.stderr() or "")[-3000:]
+    except Exception:
+        return "(no log)"
+
+
+def _nodes_of(jobid: str) -> str:
+    return subprocess.run(["sacct", "-n", "-X", "-P", "-j", jobid, "-o", "NodeList"], capture_output=True,
+                          text=True).stdout.split()[-1]
+
+
+def _same_weights(run_a: Path, run_b: Path) -> None:
+    import torch
+
+    a, b = (torch.load(r / f"fold{MULTI_FOLD}" / "last.pt", weights_only=True)["model"] for r in (run_a, run_b))
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+    assert (run_a / f"fold{MULTI_FOLD}" / "predictions.csv").read_bytes() == \
+        (run_b / f"fold{MULTI_FOLD}" / "predictions.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def two_ranks_one_node(slurm_cluster, cv_store, tmp_path_factory):
+    """The reference: the fold as 2 DDP ranks on one node, submitted once (running beside the test
+    that first needs it); yields (job, run directory)."""
+    tmp = tmp_path_factory.mktemp("one-node")
+    cfg = tiny_config(tmp / "cv.yaml", cv_store, tmp / "runs", slurm_nodes=1, slurm_tasks_per_node=2, **MULTI)
+    return _submit_fold(cfg), tmp / "runs"
+
+
+@pytest.mark.ddp
+def test_a_fold_across_two_nodes_ends_with_the_weights_of_two_ranks_on_one(two_ranks_one_node, cv_store, tmp_path):
+    cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs", slurm_nodes=2, slurm_tasks_per_node=1,
+                      **MULTI)
+    job = _submit_fold(cfg)
+    _finished(job, "the two-node fold")
+    assert "," in _nodes_of(job.job_id), _nodes_of(job.job_id)       # both nodes
+    assert "cpu x 2 rank(s)" in (tmp_path / "runs" / f"fold{MULTI_FOLD}" / "train.log").read_text()
+    ref_job, ref_runs = two_ranks_one_node
+    _finished(ref_job, "the one-node reference fold")
+    assert "," not in _nodes_of(ref_job.job_id)
+    _same_weights(tmp_path / "runs", ref_runs)
+
+
+@pytest.mark.ddp
+def test_a_requeued_two_node_fold_resumes_exactly(two_ranks_one_node, cv_store, tmp_path):
+    cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs", slurm_nodes=2, slurm_tasks_per_node=1,
+                      **MULTI)
+    job = _submit_fold(cfg)
+    fold_dir = tmp_path / "runs" / f"fold{MULTI_FOLD}"
+    _wait((fold_dir / "last.pt").exists, "the two-node fold's first checkpoint", timeout=600)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    _finished(job, "the requeued two-node fold")
+    states = subprocess.run(["sacct", "-n", "-X", "-P", "-D", "-j", job.job_id, "-o", "State"],
+                            capture_output=True, text=True).stdout.split()
+    assert states[0] == "REQUEUED", states
+    assert "," in _nodes_of(job.job_id)
+    assert "resumed from" in (fold_dir / "train.log").read_text()
+    ref_job, ref_runs = two_ranks_one_node
+    _finished(ref_job, "the one-node reference fold")
+    _same_weights(tmp_path / "runs", ref_runs)
+
+
 def test_failing_folds_are_retried_and_reported(slurm_cluster, cv_store, tmp_path):
     cfg = tiny_config(tmp_path / "cv.yaml", cv_store, tmp_path / "runs", slurm_max_retries=1,
                       slurm_setup="echo 'module: command not found' >&2; exit 3")

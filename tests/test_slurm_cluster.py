@@ -1,17 +1,17 @@
-"""The local one-node SLURM cluster (hpc/slurm-up.sh) behaves like the real clusters wbs-dist targets.
+"""The local SLURM cluster (hpc/slurm-up.sh, two nodes on this host) behaves like the real clusters
+wbs-dist targets.
 
 These tests run real SLURM daemons (root needed). They must run in CI: when the cluster cannot start
 they fail with the start script's output, they never skip.
 """
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, sacct, sbatch, slurm, wait_done, wait_for
+from helpers import SLURM_NODES, sacct, sbatch, slurm, slurm_up, wait_done, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -56,7 +56,9 @@ def test_submitit_runs_a_python_function(slurm_cluster, tmp_path):
 
 
 def test_job_array_packs_one_cpu_tasks_onto_the_cpus(slurm_cluster, tmp_path):
-    cpus = int(slurm("sinfo", "-h", "-p", "debug", "-o", "%c").split()[0])
+    # Every node's CPUs: the array spreads over the nodes.
+    per_node = dict(line.split() for line in slurm("sinfo", "-h", "-N", "-p", "debug", "-o", "%N %c").splitlines())
+    cpus = sum(int(c) for c in per_node.values())
     jobid = sbatch("-a", "0-4", "-c", "1", "-o", tmp_path / "%A_%a.out", "--wrap", "sleep 3")
     rows = wait_done(jobid, count=5)
     assert [r["State"] for r in rows] == ["COMPLETED"] * 5, rows
@@ -90,7 +92,35 @@ def test_slurm_up_again_is_a_quick_no_op(slurm_cluster):
     state = Path(os.environ.get("WBS_SLURM_STATE", "/tmp/wbs-slurm"))
     pids = sorted(p.read_text() for p in state.rglob("*.pid"))
     started = time.monotonic()
-    r = subprocess.run(["bash", str(ROOT / "hpc" / "slurm-up.sh")], capture_output=True, text=True, timeout=120)
+    r = slurm_up(SLURM_NODES, timeout=120)
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - started < 10
     assert sorted(p.read_text() for p in state.rglob("*.pid")) == pids, "a healthy cluster was restarted"
+
+
+def _nodes() -> list[str]:
+    return sorted(set(slurm("sinfo", "-h", "-N", "-p", "debug", "-o", "%N").split()))
+
+
+def test_a_two_node_job_runs_srun_tasks_on_both_nodes(slurm_cluster, tmp_path):
+    nodes = _nodes()
+    assert len(nodes) == SLURM_NODES == 2, nodes
+    out = tmp_path / "n2.out"
+    jobid = sbatch("-N", "2", "--ntasks-per-node", "1", "-o", out, "--wrap",
+                   "srun bash -c 'echo $SLURM_PROCID $SLURMD_NODENAME $SLURM_JOB_NODELIST'")
+    (row,) = wait_done(jobid)
+    assert row["State"] == "COMPLETED", out.read_text()
+    lines = sorted(out.read_text().split("\n")[:-1])
+    assert [line.split()[:2] for line in lines] == [["0", nodes[0]], ["1", nodes[1]]], lines
+
+
+def test_slurm_up_with_another_node_count_reconfigures_and_back(slurm_cluster):
+    try:
+        r = slurm_up(1, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert "restarting them" in r.stderr
+        assert len(_nodes()) == 1
+    finally:
+        r = slurm_up(SLURM_NODES, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(_nodes()) == SLURM_NODES

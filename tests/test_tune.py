@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, WBS, run_cli, wait_done
+from helpers import ROOT, TERMINAL as TERMINAL_STATES, WBS, run_cli, sacct as sacct_rows, wait_done, wait_for
 
 CONFIG = ROOT / "configs" / "tune.yaml"
 BASE_EPOCHS = 5       # the base config's: best.yaml must carry them, not the sweep's max_epochs
@@ -254,5 +254,93 @@ def test_sbatch_tune_sh_runs_a_sweep_and_leaves_no_ray_behind(slurm_cluster, loa
     deadline = time.monotonic() + 20
     while job_processes(jobid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not job_processes(jobid), f"processes of job {jobid} outlived it: {job_processes(jobid)}"
+    left = {}
+    for pid in job_processes(jobid):
+        try:
+            left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+        except OSError:
+            pass
+    assert not left, f"processes of job {jobid} outlived it: {left}"
     assert not Path(f"/tmp/ray-{jobid}").exists(), "the job left its Ray session files on the node"
+
+
+# -- Ray across a two-node allocation ----------------------------------------------------------------
+def ray_daemons(jobid: str) -> list[tuple[str, str]]:
+    """The job's Ray daemons (raylet, gcs_server) as (program, SLURM node it was started on)."""
+    found = []
+    for pid in job_processes(jobid):
+        try:
+            program = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()).name
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if program in ("raylet", "gcs_server"):
+            node = next((e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"SLURMD_NODENAME=")), "?")
+            found.append((program, node))
+    return found
+
+
+def submit_two_node_sweep(args, out: Path) -> str:
+    # -c 2 per node and cpus_per_trial=2: a node holds one trial, so two trials need both nodes.
+    return subprocess.run(["sbatch", "--parsable", "-N", "2", "--cpus-per-task=2", "-o", str(out),
+                           str(ROOT / "slurm" / "tune.sh"), *args],
+                          capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().split(";")[0]
+
+
+def wait_gone(jobid: str, timeout=30) -> None:
+    deadline = time.monotonic() + timeout
+    while (job_processes(jobid) or ray_daemons(jobid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_daemons(jobid), f"Ray daemons of job {jobid} outlived it: {ray_daemons(jobid)}"
+    left = {}
+    for pid in job_processes(jobid):
+        try:
+            left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+        except OSError:
+            pass
+    assert not left, f"processes of job {jobid} outlived it: {left}"
+
+
+def test_sbatch_tune_sh_on_two_nodes_runs_trials_on_both(slurm_cluster, loader_store, tmp_path):
+    args = sweep_args(loader_store, tmp_path, "two", num_samples=2, max_epochs=1, cpus_per_trial=2)[1:]
+    out = tmp_path / "job.out"
+    jobid = submit_two_node_sweep(args, out)
+    seen = set()
+    try:
+        deadline = time.monotonic() + 500
+        while time.monotonic() < deadline:
+            seen |= {node for program, node in ray_daemons(jobid) if program == "raylet"}
+            rows = sacct_rows(jobid)
+            if rows and all(r["State"] in TERMINAL_STATES for r in rows):
+                break
+            time.sleep(1)
+        (row,) = wait_done(jobid, timeout=30)
+    finally:
+        subprocess.run(["scancel", jobid], capture_output=True)
+    text = out.read_text() if out.exists() else ""
+    assert row["State"] == "COMPLETED", text[-4000:]
+    assert "2 node(s)" in text and "best: " in text
+    assert len(seen) == 2, f"raylets seen on {seen}"               # a head and a worker, one a node
+    rows = read_rows(tmp_path / "two")
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    assert len({r["node"] for r in rows}) == 2 and all(rows[0]["node"] and rows[1]["node"]), rows
+    wait_gone(jobid)
+    # Each node's Ray session folder (node-local /tmp; here both nodes share one).
+    left = list(Path("/tmp").glob(f"ray-{os.getuid()}-{jobid}-*"))
+    assert not left, f"session folders left on the nodes: {left}"
+
+
+def test_scancel_of_a_two_node_sweep_leaves_no_ray_on_either_node(slurm_cluster, loader_store, tmp_path):
+    args = sweep_args(loader_store, tmp_path, "cancel", num_samples=2, max_epochs=3, cpus_per_trial=2)[1:]
+    out = tmp_path / "job.out"
+    jobid = submit_two_node_sweep(args, out)
+    try:
+        wait_for(lambda: len({n for p, n in ray_daemons(jobid) if p == "raylet"}) == 2, "raylets on both nodes",
+                 timeout=300)
+        wait_for(lambda: len(list((tmp_path / "cancel").glob("*/run/fold0/train.log"))) == 2, "both trials training",
+                 timeout=300)
+    finally:
+        subprocess.run(["scancel", jobid], capture_output=True)
+    wait_gone(jobid)
+    (row,) = wait_done(jobid, timeout=60)
+    assert row["State"] == "CANCELLED", row

@@ -194,7 +194,8 @@ class Config:
     slurm_partition: str = key("", "partition, or several comma-separated; empty: the cluster's default",
                                slurm_name(several=True), affects_results=False)
     slurm_account: str = key("", "account; empty: your default", slurm_name(), affects_results=False)
-    slurm_nodes: int = key(1, "nodes per fold", at_least(1), affects_results=False)
+    slurm_nodes: int = key(1, "nodes per fold: one DDP job of slurm_nodes x slurm_tasks_per_node ranks across them",
+                           at_least(1), affects_results=False)
     slurm_gpus_per_node: int = key(0, "GPUs per node; 0 on CPU-only clusters", at_least(0), affects_results=False)
     slurm_tasks_per_node: int = key(1, "DDP ranks per node (one per GPU)", at_least(1), affects_results=False)
     slurm_cpus_per_task: int = key(8, "CPUs per rank: loader workers + the rank itself", at_least(1),

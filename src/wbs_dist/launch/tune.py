@@ -35,10 +35,10 @@ from wbs_dist.atomic import write_text
 from wbs_dist.config import (Config, at_least, check, coerce, control_chars, key, load_config, no_control_chars,
                              parse_override, read_mapping, result_keys)
 from wbs_dist.errors import ConfigError, UsageError, WbsError
+from wbs_dist.launch.tune_results import METRIC, results_markdown, write_results  # noqa: F401 (the API)
 
 log = logging.getLogger("wbs_dist.tune")
 
-METRIC = "mean_val_auc"
 TRAIN_PREFIX = "train."
 PROGRESS_FILE = "progress.json"
 # A Ray worker started by `srun` (SLURM) or torchrun inherits its rank variables; a trial is one
@@ -171,6 +171,7 @@ def _seed_fold_epoch(seed: int, fold: int, epoch: int) -> None:
 
 
 def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
+    import ray
     import torch
     from ray import tune
 
@@ -204,7 +205,8 @@ def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
                 raise UsageError(f"fold {trainers[aucs.index(None)].fold}: validation lesions of one class only, "
                                  f"AUC undefined; "
                                  f"use fewer folds (train.folds) or more annotated patients")
-            metrics = {"epochs": epoch + 1, METRIC: sum(aucs) / len(aucs),
+            # The node id: trials of a sweep over several nodes (slurm/tune.sh -N2) say where they ran.
+            metrics = {"epochs": epoch + 1, METRIC: sum(aucs) / len(aucs), "node": ray.get_runtime_context().get_node_id(),
                        **{f"fold{t.fold}_val_auc": a for t, a in zip(trainers, aucs)}}
             if epoch + 1 == cfg.epochs:
                 # Before the last report: Tune ends the trial there (ASHA's max_t) without returning.
@@ -331,7 +333,8 @@ def _rows(grid, spec: TuneSpec, base: Config) -> list[dict]:
         epochs = int(metrics.get("epochs", 0))
         status = "error" if res.error else "completed" if epochs >= spec.max_epochs else "stopped"
         row = {"trial": Path(res.path).name, "status": status, "lr": trial_lr(spec, base, res.config),
-               "batch_size": int(res.config["batch_size"]), "epochs": epochs, METRIC: metrics.get(METRIC)}
+               "batch_size": int(res.config["batch_size"]), "epochs": epochs, METRIC: metrics.get(METRIC),
+               "node": metrics.get("node")}
         row.update({f"fold{k}_val_auc": metrics.get(f"fold{k}_val_auc") for k in range(base.folds)})
         if res.error:
             row["error"] = str(res.error).strip().splitlines()[-1]
@@ -355,8 +358,6 @@ class TuneResult:
 def tune(spec: TuneSpec, base: Config) -> TuneResult:
     """Run (or restore and finish) the sweep and write its results; raises WbsError when no trial
     ran to the end."""
-    from wbs_dist.launch.tune_results import write_results
-
     base = pin_split(base)          # best.yaml names the split its lr and batch size were chosen on
     rows = run_sweep(spec, base)
     best = write_results(rows, spec, base)

@@ -6,12 +6,17 @@ were graded on the folds that chose them)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import yaml
 
 from wbs_dist.atomic import write_csv, write_text
 from wbs_dist.config import Config
-from wbs_dist.launch.tune import METRIC, TuneSpec
+
+if TYPE_CHECKING:
+    from wbs_dist.launch.tune import TuneSpec
+
+METRIC = "mean_val_auc"
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -21,12 +26,16 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 def _columns(folds: int) -> list[str]:
-    return ["trial", "status", "lr", "batch_size", "epochs", METRIC] + [f"fold{k}_val_auc" for k in range(folds)]
+    # node: the Ray node id the trial ran on (its last report), which shows a sweep used every node.
+    return ["trial", "status", "lr", "batch_size", "epochs", METRIC] + [f"fold{k}_val_auc" for k in range(folds)] \
+        + ["node"]
 
 
 def _cell(col: str, value) -> str:
     if value is None:
         return "-"
+    if col == "node":
+        return value[:8]
     if col == "lr":
         return f"{value:.2e}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)

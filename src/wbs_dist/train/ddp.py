@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,10 +229,11 @@ def _published_store(env: DistEnv, rendezvous_dir, timeout: timedelta) -> "tdist
                          "set MASTER_PORT, or start ranks through `wbs-dist train`")
     path = Path(rendezvous_dir) / f".rendezvous-{env.rendezvous}.json"
     if env.is_main:
-        store = tdist.TCPStore(env.master_addr, 0, env.world_size, is_master=True, timeout=timeout,
+        host = _own_address(env.master_addr)
+        store = tdist.TCPStore(host, 0, env.world_size, is_master=True, timeout=timeout,
                                wait_for_workers=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"host": env.master_addr, "port": store.port})
+        write_json(path, {"host": host, "port": store.port})
         return store
     deadline = time.monotonic() + timeout.total_seconds()
     while True:
@@ -245,6 +247,18 @@ def _published_store(env: DistEnv, rendezvous_dir, timeout: timedelta) -> "tdist
             time.sleep(0.1)
     return tdist.TCPStore(published["host"], int(published["port"]), env.world_size, is_master=False,
                           timeout=timeout)
+
+
+def _own_address(node: str) -> str:
+    """What rank 0, which runs on `node` (the step's first node), publishes for the others to reach it:
+    the SLURM node name when it resolves (a real cluster's node names are host names), else this
+    host's name. Nodes that share a host (hpc/slurm-up.sh --nodes 2: vm and vm2) carry names that
+    only slurm.conf maps to an address; a one-node fold placed on vm2 could not start without this."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except (OSError, UnicodeError):
+        return socket.gethostname()
 
 
 def _host_for_url(host: str | None) -> str:
