@@ -462,3 +462,14 @@ def test_degenerate_auc_interval_and_expected_count_notes_in_metrics_json(ten):
     assert any(n.startswith("lesion.folds.1: AUC 1.000: DeLong variance 0") for n in ten["notes"])
     assert ("subgroups.burden.chi2: accuracy chi-square: 6 of 6 cells (100.0 %) have an expected count "
             "below 5 (minimum 0.40); the chi-square approximation may not hold") in ten["notes"]
+
+
+def test_unlabelled_rows_may_lack_the_fold_that_labelled_rows_carry(tmp_path):
+    """A scorer's output over a training archive: known patients' rows carry their fold (the out-of-fold
+    rule), the candidates of a patient the run never saw have neither fold nor label. Graded rows must
+    agree; the others are out of every metric."""
+    from wbs_dist.evaluate.predictions import read_predictions
+
+    rows = ten_rows() + [["PNEW", "SNEW", "1", "anterior", "", "", "0.400000", "", "1"]]
+    pred = read_predictions(write_csv(tmp_path / "mixed.csv", rows))
+    assert pred.n_unlabelled == 1 and pred.fold is not None and len(pred.fold) == len(ten_rows())

@@ -116,8 +116,9 @@ def compare_candidates(archive: Path, annotated: Path, run: Path, detector: Path
                       candidates_from=source)
     rows = {k: _rows(v) for k, v in csvs.items()}
     truth = {}
-    for r in rows["annotated"]:
-        truth[r["patient_id"]] = max(truth.get(r["patient_id"], 0), int(r["label"]))
+    for r in rows["annotated"]:              # studies without delineations have no truth: left out
+        if r["label"] != "":
+            truth[r["patient_id"]] = max(truth.get(r["patient_id"], 0), int(r["label"]))
     patients = sorted(truth)
     result = {}
     for source, rs in rows.items():

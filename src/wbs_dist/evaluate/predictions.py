@@ -109,7 +109,11 @@ def _parse(path: Path, reader) -> Predictions:
             raise _bad(path, row, "view", f"{value['view']!r} is not one of {', '.join(PREDICTION_VIEWS)}")
 
         fold = _int(path, row, "fold", value["fold"], 0) if value["fold"] else None
-        if fold_row is None:
+        # Among the rows that are graded (a label): unlabelled rows, out of every metric, may lack the
+        # fold that labelled ones carry (a scorer's candidates of a study the run never trained on).
+        if not value["label"]:
+            pass
+        elif fold_row is None:
             fold_row = (fold is not None, row)
         elif (fold is not None) != fold_row[0]:
             raise _bad(path, row, "fold", f"{'set' if fold is not None else 'empty'} here but "
