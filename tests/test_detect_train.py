@@ -52,9 +52,9 @@ def test_a_detect_fold_writes_its_froc_and_a_threshold_chosen_on_the_training_fo
     for p in det["froc"]:
         assert p["sensitivity"] == pytest.approx(p["found"] / p["lesions"])
         assert p["fp_per_study"] == pytest.approx(p["false"] / p["studies"])
-    # Lower thresholds find at least as much: sensitivity never rises with the threshold.
-    sens = [p["sensitivity"] for p in det["froc"]]
-    assert all(a >= b for a, b in zip(sens, sens[1:]))
+    # (Sensitivity need not fall as the threshold rises: a low threshold can merge a lesion into a
+    # component over 10 times its size, which then finds nothing.)
+    assert all(0 <= p["found"] <= p["lesions"] and p["false"] >= 0 for p in det["froc"])
     with open(run / "fold1" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and "val_sensitivity_at_3fp" in rows[0] and "val_auc" not in rows[0]
