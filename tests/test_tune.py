@@ -254,14 +254,19 @@ def test_sbatch_tune_sh_runs_a_sweep_and_leaves_no_ray_behind(slurm_cluster, loa
     deadline = time.monotonic() + 20
     while job_processes(jobid) and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert not leftover(jobid), f"processes of job {jobid} outlived it: {leftover(jobid)}"
+    assert not Path(f"/tmp/ray-{jobid}").exists(), "the job left its Ray session files on the node"
+
+
+def leftover(jobid: str) -> dict[int, str]:
+    """The job's live processes, pid -> command line (cut at 200 characters)."""
     left = {}
     for pid in job_processes(jobid):
         try:
             left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
         except OSError:
             pass
-    assert not left, f"processes of job {jobid} outlived it: {left}"
-    assert not Path(f"/tmp/ray-{jobid}").exists(), "the job left its Ray session files on the node"
+    return left
 
 
 # -- Ray across a two-node allocation ----------------------------------------------------------------
@@ -292,13 +297,7 @@ def wait_gone(jobid: str, timeout=30) -> None:
     while (job_processes(jobid) or ray_daemons(jobid)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not ray_daemons(jobid), f"Ray daemons of job {jobid} outlived it: {ray_daemons(jobid)}"
-    left = {}
-    for pid in job_processes(jobid):
-        try:
-            left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-        except OSError:
-            pass
-    assert not left, f"processes of job {jobid} outlived it: {left}"
+    assert not leftover(jobid), f"processes of job {jobid} outlived it: {leftover(jobid)}"
 
 
 def test_sbatch_tune_sh_on_two_nodes_runs_trials_on_both(slurm_cluster, loader_store, tmp_path):
