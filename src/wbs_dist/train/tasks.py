@@ -136,7 +136,6 @@ class DetectTask:
         self.cfg, self.fold, self.device, self.world, self.rank = cfg, fold, device, world, rank
         self.train_index = study_index(store, training_folds(cfg, fold))
         self.val_index = study_index(store, [fold])
-        self.store = store
 
     def model(self) -> torch.nn.Module:
         from wbs_dist.train.detector import build_detector
@@ -164,11 +163,12 @@ class DetectTask:
 
     def _counts(self, forward, loader) -> dict:
         """Per study: loss and (found, lesions, false) at every FROC threshold, gathered in study order.
-        The counts need the lesion label maps (not the binary target): read from the store."""
+        The counts need the lesion label maps (not the binary target): the loader's study cache holds them."""
         from wbs_dist.detection import THRESHOLDS, components, match
         from wbs_dist.train.detector import detector_loss
 
         idx, losses, counts = [], [], []
+        label_maps = loader.cache.arrays()[1]
         for batch in loader.epoch():
             logits = forward(batch.x[:, :1]).float()
             keep = batch.valid.bool().to(logits.device)
@@ -176,7 +176,7 @@ class DetectTask:
             prob = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
             for k in torch.nonzero(keep).view(-1).tolist():
                 i = int(batch.index[k])
-                truth = self.store.study(loader.index.study_keys[i])["train_labels"][...]
+                truth = np.asarray(label_maps[i])
                 ms = [match(components(prob[k], t), truth) for t in THRESHOLDS]
                 counts.append([[m.found, m.lesions, m.false] for m in ms])
                 idx.append(i)
