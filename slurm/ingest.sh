@@ -6,8 +6,10 @@
 # submits both for you (N = 8 by default) and prints their job ids. By hand, the same:
 #
 #   jid=$(sbatch --parsable --array=0-15 slurm/ingest.sh ARCHIVE STORE [options])
-#   sbatch --dependency=afterany:$jid slurm/ingest.sh ARCHIVE STORE [same options]
+#   sbatch --dependency=afterany:$jid -o slurm-ingest-%j.out slurm/ingest.sh ARCHIVE STORE [same options]
 #
+# Logs: slurm-ingest-<array>_<I>.out per shard, slurm-ingest-<job>.out for the finalize (the
+# #SBATCH default's %a would name it <job>_4294967294, SLURM's "no array index").
 # Each array task writes the studies whose Study Instance UID hashes to its index (`--shard I/N`,
 # N = the array's size) into STORE, taking the store lock shared; the tasks run at the same time.
 # The second job, not an array, is the same command without --shard (the finalize): it takes the
@@ -49,7 +51,7 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
     array=$(sbatch --parsable --array="0-$(( shards - 1 ))" "$script" "${args[@]}")
     array="${array%%;*}"
-    final=$(sbatch --parsable --dependency="afterany:$array" "$script" "${args[@]}")
+    final=$(sbatch --parsable --dependency="afterany:$array" --output=slurm-ingest-%j.out "$script" "${args[@]}")
     final="${final%%;*}"
     echo "shards: job array $array ($shards tasks); finalize: job $final (after the array, whatever its end)"
     exit 0

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from helpers import ROOT, WBS, kill_point_rng, run_cli, store_snapshot
+from helpers import ROOT, WBS, kill_point_rng, run_cli, store_snapshot, wait_done
 from wbs_dist.data.deid import keyed_hash, load_or_create_secret
 from wbs_dist.data.shards import shard_of
 from wbs_dist.data.store import Store, StoreError
@@ -116,8 +117,8 @@ def test_the_lock_admits_shards_together_and_keeps_the_finalize_apart(synth_arch
 
 
 def test_slurm_script_submits_the_shards_then_a_dependent_finalize(tmp_path):
-    """Static check of slurm/ingest.sh with stand-ins for sbatch and wbs-dist (a live SLURM run is
-    for the cluster tests)."""
+    """Static check of slurm/ingest.sh with stand-ins for sbatch and wbs-dist (the live SLURM run is
+    the next test)."""
     bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     bin_dir.mkdir()
@@ -135,7 +136,7 @@ def test_slurm_script_submits_the_shards_then_a_dependent_finalize(tmp_path):
     assert r.returncode == 0, r.stderr
     assert log.read_text().splitlines() == [
         f"sbatch --parsable --array=0-2 {script} /a/arc /s/store.zarr --max-views 4",
-        f"sbatch --parsable --dependency=afterany:101 {script} /a/arc /s/store.zarr --max-views 4"]
+        f"sbatch --parsable --dependency=afterany:101 --output=slurm-ingest-%j.out {script} /a/arc /s/store.zarr --max-views 4"]
     log.unlink()
     task = dict(env, SLURM_JOB_ID="7", SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="3", SLURM_CPUS_PER_TASK="4")
     assert subprocess.run(["bash", str(script), "/a/arc", "/s/store.zarr", "--max-views", "4"], env=task).returncode == 0
@@ -144,3 +145,33 @@ def test_slurm_script_submits_the_shards_then_a_dependent_finalize(tmp_path):
     assert log.read_text().splitlines() == [
         "wbs-dist ingest /a/arc --store /s/store.zarr --workers 4 --shard 2/3 --max-views 4",
         "wbs-dist ingest /a/arc --store /s/store.zarr --workers 4 --wait-lock 600 --max-views 4"]
+
+
+def test_slurm_script_on_the_cluster_ingests_like_one_process(slurm_cluster, synth_archive, reference, tmp_path):
+    """`bash slurm/ingest.sh ARCHIVE STORE --shards 3` for real: a 3-task array and a finalize after it,
+    all COMPLETED, and the store a one-process ingest writes."""
+    store = tmp_path / "store.zarr"
+    # The jobs run this test's Python (and its PYTHONPATH, which sbatch passes on); the logs land in
+    # the submit directory, here tmp_path, not the repository.
+    env = dict(os.environ, WBS_DIST_VENV=sys.prefix)
+    r = subprocess.run(["bash", str(ROOT / "slurm" / "ingest.sh"), str(synth_archive), str(store), "--shards", "3"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    array, final = re.search(r"job array (\d+) \(3 tasks\); finalize: job (\d+)", r.stdout).groups()
+    try:
+        tasks = wait_done(array, count=3, timeout=120)
+        (fin,) = wait_done(final, timeout=120)
+    finally:
+        subprocess.run(["scancel", array, final], capture_output=True)
+    logs = {p.name: p.read_text() for p in sorted(tmp_path.glob("slurm-ingest-*.out"))}
+    shown = "\n".join(f"== {name}\n{text[-2000:]}" for name, text in logs.items())
+    assert [(t["State"], t["ExitCode"]) for t in tasks + [fin]] == [("COMPLETED", "0:0")] * 4, f"{tasks} {fin}\n{shown}"
+    # The finalize started once every shard had ended (afterany), and found nothing left to write.
+    assert fin["Start"] >= max(t["End"] for t in tasks), (tasks, fin)
+    names = [f"slurm-ingest-{array}_{i}.out" for i in range(3)] + [f"slurm-ingest-{final}.out"]
+    assert sorted(logs) == sorted(names), shown
+    *shard_logs, final_log = (logs[name] for name in names)
+    assert sum(written(text) for text in shard_logs) == 12, shown
+    assert sum(written(text) > 0 for text in shard_logs) >= 2, shown     # the work really was split
+    assert "(0 new, 12 already there)" in final_log, shown
+    assert store_snapshot(store) == store_snapshot(reference)
