@@ -255,7 +255,13 @@ def test_sbatch_tune_sh_runs_a_sweep_and_leaves_no_ray_behind(slurm_cluster, loa
     while job_processes(jobid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not leftover(jobid), f"processes of job {jobid} outlived it: {leftover(jobid)}"
-    assert not Path(f"/tmp/ray-{jobid}").exists(), "the job left its Ray session files on the node"
+    assert not ray_session_dirs(jobid), f"the job left its Ray session folder on the node: {ray_session_dirs(jobid)}"
+
+
+def ray_session_dirs(jobid: str) -> list[Path]:
+    """The job's Ray session folders: slurm/tune.sh's mktemp -d /tmp/ray-<uid>-<jobid>-XXXX (the head's)
+    and /tmp/ray-<uid>-<jobid>-w-XXXX (a worker's), on node-local /tmp (here all nodes share one)."""
+    return sorted(Path("/tmp").glob(f"ray-{os.getuid()}-{jobid}-*"))
 
 
 def leftover(jobid: str) -> dict[int, str]:
@@ -324,9 +330,7 @@ def test_sbatch_tune_sh_on_two_nodes_runs_trials_on_both(slurm_cluster, loader_s
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     assert len({r["node"] for r in rows}) == 2 and all(rows[0]["node"] and rows[1]["node"]), rows
     wait_gone(jobid)
-    # Each node's Ray session folder (node-local /tmp; here both nodes share one).
-    left = list(Path("/tmp").glob(f"ray-{os.getuid()}-{jobid}-*"))
-    assert not left, f"session folders left on the nodes: {left}"
+    assert not ray_session_dirs(jobid), f"session folders left on the nodes: {ray_session_dirs(jobid)}"
 
 
 def test_scancel_of_a_two_node_sweep_leaves_no_ray_on_either_node(slurm_cluster, loader_store, tmp_path):
