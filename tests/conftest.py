@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SLURM_NODES, build_store, slurm_up
+from helpers import ROOT, SLURM_NODES, build_store, slurm_up
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +45,23 @@ def archive_copy(synth_archive, tmp_path):
 def loader_store(tmp_path_factory):
     """A 30-patient store with 3 folds, shared read-only."""
     return build_store(tmp_path_factory.mktemp("loader"), patients=30, seed=21, k=3)
+
+
+@pytest.fixture(scope="session")
+def detector_dir(loader_store, tmp_path_factory):
+    """A detector run of loader_store: fold0 trained for one epoch; fold1 a copy (the ensemble's mean
+    and median are then its own). Read-only: copy it to change it."""
+    from wbs_dist.config import load_config
+    from wbs_dist.train.trainer import train_fold
+
+    run = tmp_path_factory.mktemp("detector") / "run"
+    cfg = load_config(ROOT / "configs" / "local.yaml",
+                      [f"store={loader_store}", f"run_dir={run}", "train_size=64x32", "folds=3", "epochs=1",
+                       "task=detect", "model=unet_small", "weights=none", "batch_size=4", "lr=3e-3",
+                       "num_workers=0", "checkpoint_every=0"])
+    train_fold(cfg, 0)
+    shutil.copytree(run / "fold0", run / "fold1", ignore=shutil.ignore_patterns("*.lock", "events.*"))
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,15 @@ Tiny: the 30-patient store at 64 x 32 with 3 folds, the small U-Net, 2 epochs on
 
 import csv
 import json
+import shutil
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from wbs_dist.config import load_config
+from wbs_dist.errors import InputError
 
 from helpers import ROOT, run_cli
 
@@ -112,3 +116,93 @@ def test_cv_of_a_detector_pools_the_folds_at_their_own_thresholds(loader_store, 
     assert first["studies"] == studies and first["found"] == sum(f["froc"][0]["found"] for f in folds)
     assert (tmp_path / "report" / "froc.png").stat().st_size > 1000
     assert "Detection report" in (tmp_path / "report" / "report.html").read_text()
+
+
+def written_detection(tmp_path):
+    """A detection.json as DetectTask.write_outputs writes it, from made-up validation counts."""
+    from wbs_dist.detection import choose_threshold, froc_from_counts
+    from wbs_dist.train.rundir import FoldDir
+    from wbs_dist.train.tasks import DetectTask
+
+    rng = np.random.default_rng(0)
+    lesions = rng.integers(1, 6, (8, 1))
+    counts = np.stack(np.broadcast_arrays(rng.integers(0, 6, (8, 19)).clip(max=lesions), lesions,
+                                          rng.integers(0, 4, (8, 19))), axis=-1)
+    points, train = froc_from_counts(counts[:4]), froc_from_counts(counts[4:])
+    threshold, note = choose_threshold(train, 0.95)
+    task = SimpleNamespace(fold=0, val_index=range(4), cfg=SimpleNamespace(target_sensitivity=0.95, split="s"))
+    val = {"points": points, "train_points": train, "threshold": threshold, "threshold_note": note}
+    (tmp_path / "fold0").mkdir()
+    return DetectTask.write_outputs(task, val, FoldDir(tmp_path, 0))
+
+
+def _drop(doc, *keys):
+    for key in keys[:-1]:
+        doc = doc[key]
+    del doc[keys[-1]]
+
+
+CORRUPT = {
+    "truncated": (lambda text, doc: text[:len(text) // 2], "not valid JSON"),
+    "empty": (lambda text, doc: "", "not valid JSON"),
+    "not text": (lambda text, doc: b"\xff\xfe\x00{", "not valid JSON"),
+    "a list": (lambda text, doc: [doc], "not a JSON object"),
+    "no threshold": (lambda text, doc: _drop(doc, "threshold"), "missing key(s) threshold"),
+    "no froc": (lambda text, doc: _drop(doc, "froc"), "missing key(s) froc"),
+    "threshold a string": (lambda text, doc: doc.update(threshold="0.5"), "threshold '0.5': expected a number"),
+    "threshold 1.5": (lambda text, doc: doc.update(threshold=1.5), "threshold 1.5: expected a number"),
+    "threshold 0": (lambda text, doc: doc.update(threshold=0), "threshold 0: expected a number"),
+    "threshold true": (lambda text, doc: doc.update(threshold=True), "threshold True: expected a number"),
+    "threshold NaN": (lambda text, doc: text.replace(f'"threshold": {doc["threshold"]}', '"threshold": NaN', 1),
+                      "threshold nan: expected a number"),
+    "target 2": (lambda text, doc: doc.update(target_sensitivity=2), "target_sensitivity 2: expected"),
+    "froc empty": (lambda text, doc: doc.update(froc=[]), "froc: expected a non-empty list"),
+    "point without counts": (lambda text, doc: _drop(doc, "at_threshold", "found"), "at_threshold: expected"),
+    "count a string": (lambda text, doc: doc["froc"][3].update(lesions="7"), "froc[3]: expected"),
+}
+
+
+@pytest.mark.parametrize("name", CORRUPT)
+def test_an_unusable_detection_json_is_an_input_error_naming_the_file(tmp_path, name):
+    from wbs_dist.train.rundir import FoldDir
+
+    path = written_detection(tmp_path)
+    text = path.read_text()
+    assert FoldDir(tmp_path, 0).read_detection() == json.loads(text)      # as written, it reads back
+    doc = json.loads(text)
+    corrupt, needle = CORRUPT[name]
+    out = corrupt(text, doc)
+    out = json.dumps(doc, indent=1) if out is None else out
+    if isinstance(out, list):
+        out = json.dumps(out)
+    path.write_bytes(out if isinstance(out, bytes) else out.encode())
+    with pytest.raises(InputError) as err:
+        FoldDir(tmp_path, 0).read_detection()
+    assert str(err.value).startswith(f"{path}: {needle}"), str(err.value)
+    assert str(tmp_path / "fold0" / "done.json") in str(err.value)
+
+
+def test_a_missing_detection_json_is_an_input_error(tmp_path):
+    from wbs_dist.train.rundir import FoldDir
+
+    with pytest.raises(InputError, match="detection.json: missing"):
+        FoldDir(tmp_path, 0).read_detection()
+
+
+@pytest.mark.slow
+def test_cv_report_with_an_unusable_detection_json_exits_2_naming_it(detector_dir, loader_store, tmp_path):
+    """Three finished detector folds (copies of one), one detection.json stripped of its FROC: the
+    report is refused with the file's name, not a KeyError."""
+    run = tmp_path / "run"
+    for k in range(3):
+        shutil.copytree(detector_dir / "fold0", run / f"fold{k}", ignore=shutil.ignore_patterns("*.lock"))
+    bad = run / "fold2" / "detection.json"
+    doc = json.loads(bad.read_text())
+    del doc["froc"]
+    bad.write_text(json.dumps(doc))
+    r = run_cli("cv", ROOT / "configs" / "local.yaml", f"store={loader_store}", f"run_dir={run}", "train_size=64x32",
+                "folds=3", "task=detect", "model=unet_small", "weights=none", "epochs=1", "batch_size=4",
+                "num_workers=0", "checkpoint_every=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{bad}: missing key(s) froc" in r.stderr, r.stderr
+    assert r.stderr.count("already finished") == 3 and not (run / "report").exists()

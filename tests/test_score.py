@@ -438,21 +438,7 @@ def test_a_store_re_split_since_the_run_is_refused(loader_store, run_dir, tmp_pa
 
 
 # -- learned candidates: the detector ensemble proposes the lesions of studies without delineations -----
-@pytest.fixture(scope="module")
-def detector_dir(loader_store, tmp_path_factory):
-    """Detector fold0 trained for one epoch; fold1 a copy (the ensemble's mean and median are then its own)."""
-    from wbs_dist.train.trainer import train_fold
-
-    run = tmp_path_factory.mktemp("detector") / "run"
-    cfg = load_config(ROOT / "configs" / "local.yaml",
-                      [f"store={loader_store}", f"run_dir={run}", "train_size=64x32", "folds=3", "epochs=1",
-                       "task=detect", "model=unet_small", "weights=none", "batch_size=4", "lr=3e-3",
-                       "num_workers=0", "checkpoint_every=0"])
-    train_fold(cfg, 0)
-    shutil.copytree(run / "fold0", run / "fold1", ignore=shutil.ignore_patterns("*.lock", "events.*"))
-    return run
-
-
+# (detector_dir: conftest.py)
 def test_studies_without_annotations_are_scored_on_the_detectors_components(synth_archive, run_dir, detector_dir,
                                                                             tmp_path):
     import json
@@ -514,3 +500,14 @@ def test_studies_without_annotations_are_scored_on_the_detectors_components(synt
         score_archive(synth_archive, run_dir, tmp_path / "d.csv", candidates_from="learned")
     with pytest.raises(UsageError, match="holds detect folds"):
         score_archive(synth_archive, detector_dir, tmp_path / "e.csv")
+
+
+def test_an_unusable_detection_json_of_the_detector_exits_2_naming_it(synth_archive, run_dir, detector_dir, tmp_path):
+    detector = tmp_path / "detector"
+    shutil.copytree(detector_dir, detector)
+    bad = detector / "fold1" / "detection.json"
+    bad.write_text(bad.read_text()[:300])                 # cut short (a full disk, an interrupted copy)
+    r = subprocess.run(WBS + ["score", str(synth_archive), "--run", str(run_dir), "--out", str(tmp_path / "p.csv"),
+                              "--detector", str(detector), "--workers", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{bad}: not valid JSON" in r.stderr and "done.json" in r.stderr, r.stderr

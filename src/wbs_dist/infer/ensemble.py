@@ -8,7 +8,6 @@ infer/ (the decoding workers) must not import it, so this module is imported by 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -78,8 +77,7 @@ class Ensemble:
                                 if task == "detect" or self.config.task == "detect" else ""))
         self.split = finished[0].split()
         # A detector fold's operating threshold was chosen on its training folds (detection.json).
-        self.thresholds = {f.fold: json.loads((f.path / "detection.json").read_text())["threshold"]
-                           for f in finished} if task == "detect" else {}
+        self.thresholds = {f.fold: f.read_detection()["threshold"] for f in finished} if task == "detect" else {}
         self.folds = [f.fold for f in finished]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.models = []

@@ -100,8 +100,6 @@ def cross_validate(cfg: Config, launcher: str = "local") -> CvResult:
 def _detection_report(cfg: Config) -> CvResult:
     """A detector run's report: every fold's detection.json (its FROC and the threshold its training
     folds chose) pooled into RUN_DIR/report/."""
-    import json
-
     from wbs_dist.evaluate.detection_report import write_detection_report
 
     folds = {}
@@ -109,7 +107,7 @@ def _detection_report(cfg: Config) -> CvResult:
         fold = FoldDir.of(cfg, k)
         if not fold.is_finished():
             raise WbsError(f"fold {k} has not finished ({fold.path}): nothing to report yet")
-        folds[k] = json.loads((fold.path / "detection.json").read_text())
+        folds[k] = fold.read_detection()
     report_dir = Path(cfg.run_dir) / "report"
     return CvResult(None, report_dir, [], write_detection_report(folds, report_dir))
 

@@ -4,6 +4,8 @@
     metrics.csv        one row per epoch            events.*         TensorBoard scalars
     last.pt (+.prev)   newest checkpoint            best.pt          weights of the best validation AUC
     predictions.csv    validation predictions of the final epoch (DESIGN 3.3)
+    detection.json     a detector fold's FROC and operating threshold (train/tasks.py DetectTask); read
+                       only through read_detection, which names the file when it is unusable (exit 2)
     done.json          written last: the fold is finished (a rerun does nothing); names its split
     .lock              while a trainer works on the fold (wbs_dist.lock): one trainer at a time
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from wbs_dist.atomic import write_csv, write_json
 from wbs_dist.config import Config, config_from_dict, dump_config, read_mapping
+from wbs_dist.errors import InputError
 from wbs_dist.lock import Lock
 from wbs_dist.schema import PREDICTION_COLUMNS
 
@@ -117,6 +120,10 @@ class FoldDir:
     def log(self) -> Path:
         return self.path / "train.log"
 
+    @property
+    def detection(self) -> Path:
+        return self.path / "detection.json"
+
     def lock(self, what: str) -> Lock:
         """One trainer per fold: two on one run directory interleave their files and fail their saves."""
         return Lock(self.path / ".lock", what, subject=f"fold {self.fold} of {self.path.parent}")
@@ -142,6 +149,9 @@ class FoldDir:
     def read_config(self) -> Config:
         return config_from_dict(read_mapping(self.config), f"in {self.config}")
 
+    def read_detection(self) -> dict:
+        return read_detection(self.detection)
+
     # -- writes (rank 0) ------------------------------------------------------------------------------------
     def write_config(self, cfg: Config) -> None:
         dump_config(cfg, self.config)
@@ -162,6 +172,10 @@ class FoldDir:
                                "lesions": lesions, "split": split})
         return FoldResult(self.fold, self.path, epochs, val_auc, val_loss, self.predictions)
 
+    def write_detection(self, doc: dict) -> Path:
+        write_json(self.detection, doc, indent=1)
+        return self.detection
+
     def log_handler(self, owner_filter: logging.Filter) -> logging.Handler:
         """A handler writing train.log, taking only the records `owner_filter` lets through."""
         handler = logging.FileHandler(self.log)
@@ -174,3 +188,48 @@ def fold_dirs(run_dir: str | Path) -> list[FoldDir]:
     """Every fold<K>/ folder of a run directory, by K."""
     found = sorted((int(p.name[4:]), p) for p in Path(run_dir).glob("fold*") if p.name[4:].isdigit())
     return [FoldDir(run_dir, k) for k, _ in found]
+
+
+# detection.json: what its readers (the cv detection report, the scorer's detector) rely on.
+DETECTION_KEYS = ("threshold", "threshold_note", "target_sensitivity", "at_threshold", "froc")
+COUNT_KEYS = ("found", "lesions", "false", "studies")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_detection(path: Path) -> dict:
+    """A detector fold's detection.json, or an InputError (exit 2) naming the file and what is wrong
+    with it (truncated, hand-edited, missing): never a traceback in the report or the scorer."""
+    def bad(why: str) -> InputError:
+        return InputError(f"{path}: {why}. To write it again, delete {Path(path).with_name('done.json')} and "
+                          "run that fold's training again (it resumes from last.pt)")
+
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise bad("missing (every finished detector fold has one)")
+    except OSError as exc:
+        raise bad(f"cannot be read ({exc.strerror})")
+    except ValueError as exc:                        # JSONDecodeError, or bytes that are not text
+        raise bad(f"not valid JSON ({exc})")
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    missing = [k for k in DETECTION_KEYS if k not in doc]
+    if missing:
+        raise bad(f"missing key(s) {', '.join(missing)}")
+    if not _number(doc["threshold"]) or not 0 < doc["threshold"] < 1:
+        raise bad(f"threshold {doc['threshold']!r}: expected a number between 0 and 1 (exclusive)")
+    if not _number(doc["target_sensitivity"]) or not 0 < doc["target_sensitivity"] <= 1:      # as the config key
+        raise bad(f"target_sensitivity {doc['target_sensitivity']!r}: expected a number in (0, 1]")
+    if not isinstance(doc["froc"], list) or not doc["froc"]:
+        raise bad("froc: expected a non-empty list of points")
+    for where, p in [("at_threshold", doc["at_threshold"]), *((f"froc[{i}]", q) for i, q in enumerate(doc["froc"]))]:
+        if not isinstance(p, dict):
+            raise bad(f"{where}: expected an object")
+        if (not _number(p.get("threshold")) or any(not _number(p.get(k)) or p[k] < 0 for k in COUNT_KEYS)
+                or any(k not in p or p[k] is not None and not _number(p[k]) for k in ("sensitivity", "fp_per_study"))):
+            raise bad(f"{where}: expected threshold, sensitivity, fp_per_study and counts {', '.join(COUNT_KEYS)} "
+                      f"as numbers, got {json.dumps(p)[:200]}")
+    return doc

@@ -209,12 +209,9 @@ class DetectTask:
         return {**val, "train_points": train_points, "threshold": threshold, "threshold_note": note}
 
     def write_outputs(self, val: dict, files: FoldDir) -> Path:
-        from wbs_dist.atomic import write_json
-
         at = next(p for p in val["points"] if p["threshold"] == val["threshold"])
-        path = files.path / "detection.json"
-        write_json(path, {"fold": self.fold, "studies": len(self.val_index), "threshold": val["threshold"],
-                          "threshold_note": val["threshold_note"], "target_sensitivity": self.cfg.target_sensitivity,
-                          "at_threshold": at, "froc": val["points"], "train_froc": val["train_points"],
-                          "split": self.cfg.split}, indent=1)
-        return path
+        return files.write_detection({"fold": self.fold, "studies": len(self.val_index), "threshold": val["threshold"],
+                                      "threshold_note": val["threshold_note"],
+                                      "target_sensitivity": self.cfg.target_sensitivity, "at_threshold": at,
+                                      "froc": val["points"], "train_froc": val["train_points"],
+                                      "split": self.cfg.split})
