@@ -3,10 +3,11 @@ the demo's held-out synthetic archive (run `wbs-dist demo` first; this reads its
 
 One run, the same studies for both:
   detection     lesion sensitivity and false positives per study (detection.py's criterion: overlap
-                coefficient > 0.3, a component at most 10 x the lesion): the detector ensemble's
-                components (infer/learned.py, the folds' median training-chosen threshold) at the
-                training level against the delineations brought to that level; the finder's regions
-                at native resolution against the native delineations
+                coefficient > 0.3, a component at most 10 x the lesion, a component on a lesion's
+                other-view appearance neither found nor false): the detector ensemble's components
+                (infer/learned.py, the folds' median training-chosen threshold) and the finder's
+                regions, both as native label maps brought to the detector's level, against the
+                delineations at that level
   patient AUC   from the delineated lesions, the learned candidates and the classical candidates
                 (demo.compare_candidates: the scorer end to end, a patient's highest lesion)
   throughput    detector training samples/s on this machine (from the demo's folds' metrics.csv),
@@ -45,37 +46,38 @@ def decoded_studies(archive: Path) -> dict:
 
 
 def detection_figures(studies: dict, detector_run: Path, size: tuple[int, int]) -> dict:
+    """Both proposers on the same studies, matched alike: their native-size label maps and the
+    delineations (with their other-view copies) at the detector's level (detection.py)."""
     from types import SimpleNamespace
 
     from wbs_dist.detection import match, point
     from wbs_dist.infer import candidates, learned
     from wbs_dist.infer.ensemble import Ensemble
-    from wbs_dist.preprocess import count_scale, training_level
+    from wbs_dist.preprocess import detection_level
     from wbs_dist.schema import VIEWS
 
     det = Ensemble(detector_run, task="detect")
     learned_m, classical_m = [], []
     t_learned = t_classical = 0.0
     for data in studies.values():
-        views = {v: a for v, a in data.views.items() if v in VIEWS}
+        views = {v: a.astype(np.float32) for v, a in data.views.items() if v in VIEWS}
         if not views:
             continue
-        image, truth = training_level(views, data.labels, *size)
-        scan = SimpleNamespace(image=image, scale=count_scale(image), labels=None, slots={v: v for v in views})
+        labels = {v: a for v, a in data.labels.items() if v in views}
         t0 = time.perf_counter()
-        learned.propose(det, [scan], {}, -1)
+        image, truth = detection_level(views, labels, *size)
+        # scan.image at the detector's level: propose brings its components there
+        scan = SimpleNamespace(image=np.zeros(size, np.float32), detect=image, labels=None,
+                               slots={v: v for v in views}, shapes={v: a.shape for v, a in views.items()})
+        learned.propose(det, [scan], -1)
         t_learned += time.perf_counter() - t0
         learned_m.append(match(scan.labels, truth))
         t0 = time.perf_counter()
-        found, _ = candidates.find_candidates(views)
+        classical_m.append(candidates.finder_match(views, labels, *size))
         t_classical += time.perf_counter() - t0
-        for v in views:                      # native resolution, view by view, as the finder works
-            classical_m.append(match(found[v], data.labels.get(v, np.zeros_like(found[v]))))
     n = len(learned_m)
-    cl = point(None, classical_m)
-    cl["fp_per_study"] = cl["false"] / n          # per study, not per view
     return {"studies": n, "learned": {**point(None, learned_m), "seconds_per_study": t_learned / n},
-            "classical": {**cl, "studies": n, "seconds_per_study": t_classical / n}}
+            "classical": {**point(None, classical_m), "seconds_per_study": t_classical / n}}
 
 
 def training_speed(detector_run: Path) -> float:
@@ -101,7 +103,8 @@ def scoring_speed(archive: Path, run: Path, detector: Path, out: Path) -> dict:
     for name, src, det in (("annotated", archive, None), ("learned", bare, detector)):
         target = out / f"bench_{name}.csv"
         shutil.rmtree(target.with_name(target.name + ".parts"), ignore_errors=True)
-        r = score_archive(src, run=run, out=target, workers=1, detector=det)
+        r = score_archive(src, run=run, out=target, workers=1, detector=det,
+                          candidates_from="learned" if det else None)
         rates[name] = r.scored / r.seconds
     rates["ratio_learned_to_annotated"] = rates["learned"] / rates["annotated"]
     return rates

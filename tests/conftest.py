@@ -49,14 +49,15 @@ def loader_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def detector_dir(loader_store, tmp_path_factory):
-    """A detector run of loader_store: fold0 trained for one epoch; fold1 a copy (the ensemble's mean
-    and median are then its own). Read-only: copy it to change it."""
+    """A detector run of loader_store at its own level (96 x 48; the classifier's is 64 x 32): fold0
+    trained for one epoch; fold1 a copy (the ensemble's mean and median are then its own).
+    Read-only: copy it to change it."""
     from wbs_dist.config import load_config
     from wbs_dist.train.trainer import train_fold
 
     run = tmp_path_factory.mktemp("detector") / "run"
     cfg = load_config(ROOT / "configs" / "local.yaml",
-                      [f"store={loader_store}", f"run_dir={run}", "train_size=64x32", "folds=3", "epochs=1",
+                      [f"store={loader_store}", f"run_dir={run}", "train_size=96x48", "folds=3", "epochs=1",
                        "task=detect", "model=unet_small", "weights=none", "batch_size=4", "lr=3e-3",
                        "num_workers=0", "checkpoint_every=0"])
     train_fold(cfg, 0)

@@ -1,7 +1,8 @@
 """The learned lesion detector through the classifier's machinery: `wbs-dist train --fold K` with
 task=detect, its FROC validation, the threshold chosen on the training folds, exact resume.
 
-Tiny: the 30-patient store at 64 x 32 with 3 folds, the small U-Net, 2 epochs on CPU.
+Tiny: the 30-patient store (its classifier level 64 x 32) with 3 folds, the detector at its own
+level 96 x 48 made from the native views, trained on 48-row patches, the small U-Net, 2 epochs on CPU.
 """
 
 import csv
@@ -20,8 +21,8 @@ from helpers import ROOT, run_cli
 
 
 def detect_config(store, run_dir, **extra):
-    keys = {"store": store, "run_dir": run_dir, "train_size": "64x32", "folds": 3, "task": "detect",
-            "model": "unet_small", "weights": "none", "epochs": 2, "batch_size": 4, "lr": 3e-3,
+    keys = {"store": store, "run_dir": run_dir, "train_size": "96x48", "folds": 3, "task": "detect",
+            "model": "unet_small", "weights": "none", "epochs": 2, "batch_size": 4, "lr": 3e-3, "patch_rows": 48,
             "num_workers": 0, "checkpoint_every": 0, "deterministic": "true", **extra}
     return load_config(ROOT / "configs" / "local.yaml", [f"{k}={v}" for k, v in keys.items()])
 
@@ -44,7 +45,7 @@ def test_a_detect_fold_writes_its_froc_and_a_threshold_chosen_on_the_training_fo
     assert result.epochs == 2 and (run / "fold1" / "done.json").exists()
     det = json.loads((run / "fold1" / "detection.json").read_text())
     store = Store.open(loader_store)
-    val, train = study_index(store, [1]), study_index(store, [0, 2])
+    val, train = study_index(store, [1], (96, 48)), study_index(store, [0, 2], (96, 48))
     assert det["studies"] == len(val) and det["froc"][0]["studies"] == len(val)
     assert det["train_froc"][0]["studies"] == len(train)
     lesions = store.lesion_table()
@@ -58,7 +59,7 @@ def test_a_detect_fold_writes_its_froc_and_a_threshold_chosen_on_the_training_fo
         assert p["fp_per_study"] == pytest.approx(p["false"] / p["studies"])
     # (Sensitivity need not fall as the threshold rises: a low threshold can merge a lesion into a
     # component over 10 times its size, which then finds nothing.)
-    assert all(0 <= p["found"] <= p["lesions"] and p["false"] >= 0 for p in det["froc"])
+    assert all(0 <= p["found"] <= p["lesions"] and p["false"] >= 0 and p["copies"] >= 0 for p in det["froc"])
     with open(run / "fold1" / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and "val_sensitivity_at_3fp" in rows[0] and "val_auc" not in rows[0]
@@ -95,6 +96,18 @@ def test_a_detector_model_needs_task_detect_and_back(loader_store, tmp_path):
     assert r.returncode == 2 and "set task=classify" in r.stderr, r.stderr
 
 
+def test_detector_sizes_and_patches_are_checked_before_training(loader_store, tmp_path):
+    base = ["train", ROOT / "configs" / "local.yaml", "--fold", "0", f"store={loader_store}", f"run_dir={tmp_path}",
+            "folds=3", "task=detect", "model=unet_small"]
+    r = run_cli(*base, "train_size=96x50")                       # unet_small halves twice: multiples of 4
+    assert r.returncode == 2 and "'train_size'" in r.stderr and "multiples of 4" in r.stderr, r.stderr
+    r = run_cli(*base, "train_size=96x48", "patch_rows=30")
+    assert r.returncode == 2 and "'patch_rows'" in r.stderr, r.stderr
+    r = run_cli(*base[:-2], "train_size=64x32", "patch_rows=32")  # a classifier sees whole studies
+    assert r.returncode == 2 and "'patch_rows' is for task=detect" in r.stderr, r.stderr
+    assert not list(tmp_path.glob("fold0/*.pt"))
+
+
 @pytest.mark.slow
 def test_cv_of_a_detector_pools_the_folds_at_their_own_thresholds(loader_store, tmp_path):
     """`wbs-dist cv` with task=detect: three folds, the detection block of metrics.json summed by hand
@@ -111,6 +124,11 @@ def test_cv_of_a_detector_pools_the_folds_at_their_own_thresholds(loader_store, 
     false, studies = sum(a["false"] for a in at), sum(a["studies"] for a in at)
     assert det["pooled"]["sensitivity"] == pytest.approx(found / lesions)
     assert det["pooled"]["fp_per_study"] == pytest.approx(false / studies)
+    assert det["pooled"]["copies"] == sum(a["copies"] for a in at)
+    # The classical finder's point, on the same studies and delineations at the same level.
+    c = det["classical"]
+    assert (c["studies"], c["lesions"]) == (studies, lesions) and 0 < c["found"] <= lesions and c["false"] > 0
+    assert "hot-spot finder" in (tmp_path / "report" / "report.html").read_text()
     assert {k: f["threshold"] for k, f in det["folds"].items()} == {str(k): f["threshold"] for k, f in enumerate(folds)}
     first = det["froc"][0]
     assert first["studies"] == studies and first["found"] == sum(f["froc"][0]["found"] for f in folds)
@@ -206,3 +224,54 @@ def test_cv_report_with_an_unusable_detection_json_exits_2_naming_it(detector_di
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"{bad}: missing key(s) froc" in r.stderr, r.stderr
     assert r.stderr.count("already finished") == 3 and not (run / "report").exists()
+
+
+@pytest.mark.ddp
+def test_ddp_two_ranks_of_a_detector_under_torchrun(loader_store, tmp_path):
+    """Two ranks under torchrun, a global batch that divides neither the training patches nor the
+    validation studies: both ranks end with the same weights, and the fold's validation FROC equals
+    one process's count over every validation study exactly once with those weights."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from wbs_dist.data.store import Store
+    from wbs_dist.detection import THRESHOLDS, components, counts, froc_from_counts, match
+    from wbs_dist.train.detector import StudyDataset, build_detector, study_index
+
+    store = Store.open(loader_store)
+    val, train = study_index(store, [0], (96, 48)), study_index(store, [1, 2], (96, 48))
+    batch = next(b for b in range(4, 64, 2) if (2 * len(train)) % b and len(val) % b)
+    cfg = detect_config(loader_store, tmp_path / "runs", batch_size=batch, dist_timeout_s=120)
+    overrides = [f"{k}={v}" for k, v in cfg.to_dict().items() if k in (
+        "store", "run_dir", "train_size", "folds", "task", "model", "weights", "epochs", "batch_size", "lr",
+        "patch_rows", "num_workers", "checkpoint_every", "deterministic", "dist_timeout_s")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "ddp_train_rank.py"), str(ROOT / "configs" / "local.yaml"), str(tmp_path), *overrides]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    fold = tmp_path / "runs" / "fold0"
+    assert "2 rank(s)" in (fold / "train.log").read_text()
+    det = json.loads((fold / "detection.json").read_text())
+    model = build_detector("unet_small")
+    model.load_state_dict(r0)
+    model.eval()
+    ds = StudyDataset(val)
+    want = []
+    with torch.no_grad():
+        for i in range(len(val)):
+            prob = torch.softmax(model(ds[i]["x"][None]), dim=1)[0, 1].numpy()
+            truth = val.study_arrays(store, i)[1]
+            want.append([counts(match(components(prob, t), truth)) for t in THRESHOLDS])
+    # Every study once (lesions and studies exact); a component count may move by one where batching
+    # changed a probability in its last bits right at a threshold.
+    ref = froc_from_counts(np.array(want))
+    for got, exp in zip(det["froc"], ref):
+        assert (got["studies"], got["lesions"]) == (exp["studies"], exp["lesions"]) == (len(val), exp["lesions"])
+        assert all(abs(got[k] - exp[k]) <= 1 for k in ("found", "false", "copies")), (got, exp)
+    assert sum(got == exp for got, exp in zip(det["froc"], ref)) >= len(ref) - 2

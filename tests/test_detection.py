@@ -49,6 +49,32 @@ def test_hand_counted_study_with_touching_lesions_and_false_components():
     assert (m.lesions, m.found, m.false, m.components) == (3, 2, 2, 4)
 
 
+def test_a_component_on_a_lesions_other_view_appearance_is_a_copy_not_false():
+    """Side by side (anterior | posterior, 2 x 10 columns): lesion 1 delineated on the anterior at
+    columns 1-3 shows on the posterior mirrored, at columns 16-18 of the whole image."""
+    from wbs_dist.detection import COPY, with_copies
+
+    image = np.ones((6, 20), np.float32)
+    truth = np.zeros((6, 20), np.uint16)
+    truth[2:4, 1:4] = 1
+    both = with_copies(truth, image)
+    assert (both[2:4, 16:19] == (1 | COPY)).all() and (both[2:4, 1:4] == 1).all()
+    assert (both > 0).sum() == 12
+    proposed = np.zeros((6, 20), np.int32)
+    proposed[2:4, 16:19] = 1                     # on the copy
+    proposed[0, 9] = 2                           # on nothing
+    proposed[2:4, 1:3] = 3                       # finds the lesion
+    m = match(proposed, both)
+    assert (m.lesions, m.found, m.false, m.copies, m.components) == (1, 1, 1, 1, 3)
+    # Without the copy the same component is false; a component finding the lesion is never a copy.
+    assert match(proposed, truth).false == 2 and match(proposed, truth).copies == 0
+    # Only where the other view was acquired (a one-view study gets no copies).
+    image[:, 10:] = 0
+    assert (with_copies(truth, image) == truth).all()
+    with pytest.raises(ValueError, match="below"):
+        with_copies(np.full((2, 4), COPY, np.uint16), np.ones((2, 4)))
+
+
 def test_components_are_8_connected():
     prob = np.zeros((5, 5))
     prob[0, 0] = prob[1, 1] = prob[2, 2] = 0.9      # a diagonal: one component
@@ -102,32 +128,37 @@ def test_study_index_holds_the_annotated_studies_of_the_folds_asked(loader_store
     store = Store.open(loader_store)
     table = store.lesion_table()
     fold_of = lesion_folds(store, table)
-    ix = study_index(store, [0, 2])
+    ix = study_index(store, [0, 2], (64, 32))
     want = {int_to_key(s) for s, f in zip(table["study"], fold_of) if f in (0, 2)}
     assert set(ix.study_keys) == want and len(ix.study_keys) == len(want)
     assert set(ix.fold.tolist()) == {0, 2}
-    assert not set(ix.study_keys) & set(study_index(store, [1]).study_keys)
+    assert not set(ix.study_keys) & set(study_index(store, [1], (64, 32)).study_keys)
 
 
 def test_study_samples_are_the_normalised_image_and_its_lesions_flipped_together(loader_store):
     import torch
 
     from wbs_dist.data.store import Store
+    from wbs_dist.preprocess import count_scale, training_level
     from wbs_dist.train.detector import StudyDataset, study_index
 
     store = Store.open(loader_store)
-    ix = study_index(store, [0])
+    ix = study_index(store, [0], (128, 64))          # the detector's level, not the store's 64 x 32
     plain, flipped = StudyDataset(ix)[0], StudyDataset(ix, flip_p=1.0)[0]
     g = store.study(ix.study_keys[0])
-    assert plain["x"].shape == (1, 64, 32) and plain["y"].dtype == torch.int64
-    np.testing.assert_array_equal(plain["x"][0].numpy(), g["train_image"][...] / np.float32(ix.scale[0]))
-    np.testing.assert_array_equal(plain["y"][0].numpy(), (g["train_labels"][...] > 0).astype(np.int64))
-    assert plain["y"].sum() > 0
+    assert plain["x"].shape == (1, 128, 64) and plain["y"].dtype == torch.int64
+    views = {v: a.astype(np.float32) for v, a in store.native_views(ix.study_keys[0]).items()}
+    image, labels = training_level(views, dict(zip(g.attrs["views"], g["labels"][...])), 128, 64)
+    np.testing.assert_array_equal(plain["x"][0].numpy(), image / np.float32(count_scale(image)))
+    # The target: the delineated lesions and, on the other view, their mirror image.
+    target = (labels > 0) | ((labels[:, ::-1] > 0) & (labels == 0))
+    np.testing.assert_array_equal(plain["y"][0].numpy(), target.astype(np.int64))
+    assert plain["y"].sum() > (labels > 0).sum() > 0
     # Each view mirrored on its own half, image and target alike.
     for key in ("x", "y"):
         a, b = plain[key][0].numpy(), flipped[key][0].numpy()
-        np.testing.assert_array_equal(b[:, :16], a[:, :16][:, ::-1])
-        np.testing.assert_array_equal(b[:, 16:], a[:, 16:][:, ::-1])
+        np.testing.assert_array_equal(b[:, :32], a[:, :32][:, ::-1])
+        np.testing.assert_array_equal(b[:, 32:], a[:, 32:][:, ::-1])
 
 
 def test_the_detector_learns_lesions_with_dice_plus_cross_entropy(loader_store):
@@ -139,7 +170,7 @@ def test_the_detector_learns_lesions_with_dice_plus_cross_entropy(loader_store):
     from wbs_dist.train.detector import StudyDataset, build_detector, detector_loss, probability_maps, study_index
 
     torch.manual_seed(0)
-    ds = StudyDataset(study_index(Store.open(loader_store), [0]))
+    ds = StudyDataset(study_index(Store.open(loader_store), [0], (64, 32)))
     batch = [ds[i] for i in range(min(6, len(ds)))]
     x, y = torch.stack([b["x"] for b in batch]), torch.stack([b["y"] for b in batch])
     model = build_detector("unet_small")
@@ -168,12 +199,12 @@ def test_the_dali_study_loader_gives_the_datasets_samples_with_the_same_flips(lo
     from wbs_dist.train.detector import StudyDataset, study_index
     from wbs_dist.train.loader import StudyLoader
 
-    ix = study_index(Store.open(loader_store), [0, 1])
+    ix = study_index(Store.open(loader_store), [0, 1], (96, 48))
     ds = StudyDataset(ix)
     seen = {}
     with StudyLoader(ix, global_batch=4, train=True, flip_p=0.5, seed=3, workers=0) as loader:
         for batch in loader.epoch():
-            assert batch.x.shape[1:] == (2, 64, 32)
+            assert batch.x.shape[1:] == (2, 96, 48)
             for x, v, i in zip(batch.x, batch.valid, batch.index):
                 if v:
                     seen[int(i)] = x.clone()
@@ -188,7 +219,7 @@ def test_the_dali_study_loader_gives_the_datasets_samples_with_the_same_flips(lo
 
 
 def test_froc_from_gathered_counts_equals_froc_from_maps():
-    from wbs_dist.detection import froc_from_counts, sensitivity_at
+    from wbs_dist.detection import counts as counts_of, froc_from_counts, sensitivity_at
 
     rng = np.random.default_rng(0)
     truths, probs = [], []
@@ -200,10 +231,73 @@ def test_froc_from_gathered_counts_equals_froc_from_maps():
         truths.append(truth)
         probs.append(np.clip(rng.random((24, 24)) * 0.5 + (truth > 0) * rng.random(), 0, 1))
     ts = (0.3, 0.6, 0.9)
-    counts = [[[m.found, m.lesions, m.false] for m in (match(components(p, t), y) for t in ts)]
+    counts = [[list(counts_of(m)) for m in (match(components(p, t), y) for t in ts)]
               for p, y in zip(probs, truths)]
     assert froc_from_counts(np.array(counts), ts) == froc(probs, truths, ts)
     pts = [{"sensitivity": 0.5, "fp_per_study": 1.0}, {"sensitivity": 0.9, "fp_per_study": 3.0},
            {"sensitivity": 1.0, "fp_per_study": 3.5}]
     assert sensitivity_at(pts, 3.0) == 0.9 and sensitivity_at(pts, 0.5) == 0.0
     assert sensitivity_at([{"sensitivity": None, "fp_per_study": 0.0}], 3.0) is None
+
+
+def test_training_patches_are_bands_of_the_flipped_study_on_any_number_of_ranks(loader_store):
+    """patch_rows: each training sample is a band of whole-width rows of the (flipped) study, its
+    first row in Batch.y; an epoch holds ceil(H / patch_rows) bands of every study; the bands depend
+    on the global position only, so one rank and two ranks draw the same ones."""
+    from collections import Counter
+
+    import torch
+
+    from wbs_dist.data.store import Store
+    from wbs_dist.preprocess import mirror_views
+    from wbs_dist.train.detector import StudyDataset, study_index
+    from wbs_dist.train.loader import StudyCache, StudyLoader
+
+    ix = study_index(Store.open(loader_store), [0, 1], (96, 48))
+    ds = StudyDataset(ix)
+    whole = [torch.cat([ds[i]["x"], ds[i]["y"].float()]).numpy() for i in range(len(ix))]
+    cache = StudyCache.build(ix)
+    try:
+        def draw(world, rank):
+            got = []
+            with StudyLoader(ix, global_batch=4, train=True, flip_p=0.5, seed=3, workers=0, world=world, rank=rank,
+                             cache=cache, patch_rows=24) as loader:
+                for batch in loader.epoch():
+                    assert batch.x.shape[1:] == (2, 24, 48)
+                    for x, first, v, i in zip(batch.x, batch.y, batch.valid, batch.index):
+                        if not v:
+                            continue
+                        i, first = int(i), int(first)
+                        band = whole[i][:, first:first + 24]
+                        flipped = not np.array_equal(x.numpy(), band)
+                        if flipped:
+                            np.testing.assert_array_equal(x.numpy(), mirror_views(band))
+                        got.append((i, first, flipped, bool(x[1].any())))
+            return got
+
+        one = draw(1, 0)
+        two = draw(2, 0) + draw(2, 1)
+        assert len(one) == 4 * len(ix) and Counter(one) == Counter(two)
+        assert Counter(i for i, *_ in one) == {i: 4 for i in range(len(ix))}
+        assert 0 < sum(f for _, _, f, _ in one) < len(one) and sum(h for *_, h in one) > 0
+        # Validation loaders never cut patches.
+        with StudyLoader(ix, global_batch=4, train=False, workers=0, cache=cache, patch_rows=24) as loader:
+            assert next(iter(loader.epoch())).x.shape[2:] == (96, 48) and len(loader) == -(-len(ix) // 4)
+    finally:
+        cache.remove()
+
+
+def test_a_third_of_the_patches_are_placed_on_a_lesion():
+    """One lesion at rows 80-81 of 96: a uniform 24-row band holds it with p = 16/73; with a third of
+    the bands placed on a lesion, p = 1/3 + 2/3 x 16/73 = 0.48."""
+    from wbs_dist.train.loader import patch_start
+
+    labels = np.zeros((96, 48), np.uint16)
+    labels[80:82, 10:12] = 1
+    starts = [patch_start(labels, 24, 0, 0, p) for p in range(600)]
+    assert all(0 <= s <= 72 for s in starts)
+    assert starts == [patch_start(labels, 24, 0, 0, p) for p in range(600)]
+    held = np.mean([s <= 80 < s + 24 for s in starts])
+    assert 0.40 < held < 0.56, held
+    assert patch_start(np.zeros((96, 48), np.uint16), 24, 0, 0, 5) <= 72     # no lesion: anywhere
+    assert patch_start(labels, 96, 0, 0, 5) == 0

@@ -24,7 +24,7 @@ ALLOWED = {
     "train": SHARED | {"data", "train"},
     "evaluate": SHARED | {"evaluate"},
     "infer": SHARED | {"data", "train", "infer"},
-    "launch": SHARED | {"data", "train", "evaluate", "launch"},
+    "launch": SHARED | {"data", "train", "evaluate", "infer", "launch"},   # cv's report: the finder's point
 }
 
 

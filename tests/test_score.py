@@ -447,16 +447,18 @@ def test_studies_without_annotations_are_scored_on_the_detectors_components(synt
     from wbs_dist.data.workers import StudyPool, assemble
     from wbs_dist.detection import components
     from wbs_dist.infer.ensemble import Ensemble
-    from wbs_dist.preprocess import count_scale, normalise, training_level
+    from wbs_dist.preprocess import detection_level
 
     # Annotated studies keep their annotations, with a detector at hand too.
-    annotated = score_archive(synth_archive, run_dir, tmp_path / "a.csv", workers=0, detector=detector_dir)
+    # (The one-epoch detector is far below its target: --candidates learned asks for it anyway.)
+    annotated = score_archive(synth_archive, run_dir, tmp_path / "a.csv", workers=0, detector=detector_dir,
+                              candidates_from="learned")
     assert {s["source"] for s in rows_of(tmp_path / "a.summary.csv")} == {"annotated"} and not annotated.errors
     # The same archive without its delineations (DICOM only): all learned.
     bare = tmp_path / "dicom-only"
     shutil.copytree(synth_archive, bare, ignore=shutil.ignore_patterns("annotations.csv", "masks"))
     out = tmp_path / "pred.csv"
-    r = score_archive(bare, run_dir, out, workers=2, batch=16, detector=detector_dir,
+    r = score_archive(bare, run_dir, out, workers=2, batch=16, detector=detector_dir, candidates_from="learned",
                       overlays=tmp_path / "overlays")
     assert not r.errors
     summary = {s["study_uid"]: s for s in rows_of(out.with_name("pred.summary.csv"))}
@@ -476,15 +478,16 @@ def test_studies_without_annotations_are_scored_on_the_detectors_components(synt
         if s["source"] != "learned":
             continue
         assert all(p["label"] == "" and p["view"] in ("anterior", "posterior") for p in rows)
-        # The lesions are the components of the detector's map at its training-chosen threshold,
-        # counted per view's half (the study decoded here in-process, apart from the scorer's workers).
+        # The lesions are the components of the detector's map at its own level (96 x 48) and
+        # training-chosen threshold, counted per view's half (the study decoded here in-process,
+        # apart from the scorer's workers).
         views = decoded[uid]
         if set(views) != {"anterior", "posterior"}:
             continue
-        image, _ = training_level({v: views[v].astype(np.float32) for v in views}, {}, 64, 32)
-        prob, cut = det.maps(normalise(image, np.float32(count_scale(image)))[None, None])
+        image, _ = detection_level({v: views[v].astype(np.float32) for v in views}, {}, 96, 48)
+        prob, cut = det.maps(image[None, None])
         assert cut == threshold
-        expect = sum(int(components(prob[0][:, h * 16:(h + 1) * 16], cut).max()) for h in (0, 1))
+        expect = sum(int(components(prob[0][:, h * 24:(h + 1) * 24], cut).max()) for h in (0, 1))
         assert len(rows) == expect, uid
         checked += 1
     assert checked >= 6
@@ -511,3 +514,32 @@ def test_an_unusable_detection_json_of_the_detector_exits_2_naming_it(synth_arch
                               "--detector", str(detector), "--workers", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"{bad}: not valid JSON" in r.stderr and "done.json" in r.stderr, r.stderr
+
+
+def test_a_detector_below_its_target_is_used_only_when_asked_for(synth_archive, run_dir, detector_dir, tmp_path):
+    """A detector whose threshold misses its target sensitivity on its own training folds would drop
+    lesions the finder proposes: `--detector` alone refuses it (exit 2, naming each fold's figure),
+    `--candidates learned` scores with it and warns; one that reaches its target is used silently."""
+    import json
+
+    args = ["score", str(synth_archive), "--run", str(run_dir), "--workers", "0", "--detector", str(detector_dir)]
+    r = subprocess.run(WBS + args + ["--out", str(tmp_path / "a.csv")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "does not reach its target lesion sensitivity" in r.stderr and "fold 0 " in r.stderr, r.stderr
+    assert "--candidates learned" in r.stderr and not (tmp_path / "a.csv").exists()
+    r = subprocess.run(WBS + args + ["--out", str(tmp_path / "b.csv"), "--candidates", "learned"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "WARNING" in r.stderr and "target lesion sensitivity" in r.stderr, r.stderr[-3000:]
+    # The same folds as if their training folds had reached the target at their threshold (the
+    # one-epoch detector finds nothing: its detection.json is edited to say every lesion was found).
+    reached = tmp_path / "reached"
+    shutil.copytree(detector_dir, reached)
+    for k in (0, 1):
+        path = reached / f"fold{k}" / "detection.json"
+        doc = json.loads(path.read_text())
+        at = next(p for p in doc["train_froc"] if p["threshold"] == doc["threshold"])
+        at.update(found=at["lesions"], sensitivity=1.0)
+        path.write_text(json.dumps(doc))
+    r = subprocess.run(WBS + args[:-1] + [str(reached), "--out", str(tmp_path / "c.csv")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "target lesion sensitivity" not in r.stderr, r.stderr[-3000:]

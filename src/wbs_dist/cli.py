@@ -113,6 +113,9 @@ def _cmd_cv(args) -> int:
         p = r.detection["pooled"]
         print(f"detection, pooled at each fold's threshold: sensitivity {100 * p['sensitivity']:.1f} % "
               f"({p['found']}/{p['lesions']} lesions), {p['fp_per_study']:.2f} false positives per study")
+        if (c := r.detection.get("classical")) and c["sensitivity"] is not None:
+            print(f"hot-spot finder on the same studies: sensitivity {100 * c['sensitivity']:.1f} % "
+                  f"({c['found']}/{c['lesions']} lesions), {c['fp_per_study']:.2f} false positives per study")
     print(f"[cv] report: {r.report_dir / 'report.html'} (metrics: {r.report_dir / 'metrics.json'})")
     return EXIT_OK
 
@@ -173,6 +176,9 @@ def _cmd_demo(args) -> int:
     d = r.detection["pooled"]
     print(f"[demo] lesion detector, pooled over its validation folds at their thresholds: sensitivity "
           f"{pct(d['sensitivity'])} ({d['found']}/{d['lesions']}), {d['fp_per_study']:.2f} false positives a study")
+    if (c := r.detection.get("classical")) and c["sensitivity"] is not None:
+        print(f"[demo] hot-spot finder on the same studies and level:  sensitivity {pct(c['sensitivity'])} "
+              f"({c['found']}/{c['lesions']}), {c['fp_per_study']:.2f} false positives a study")
     print("[demo] held-out archive, patient-level AUC by where the lesions come from: " + ", ".join(
         f"{name} {'n/a' if c['auc'] is None else format(c['auc'], '.3f')} ({c['lesions_per_study']:.1f} a study)"
         for name, c in r.candidates.items()))

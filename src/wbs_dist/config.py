@@ -137,7 +137,8 @@ class Config:
     store: str = key("data/store.zarr", "Zarr store written by `wbs-dist ingest`",
                      no_control_chars("a path, printed in logs and saved in run configs: one line"))
     train_size: Size = key(Size(512, 256), "network input HEIGHTxWIDTH, anterior | posterior side by side; "
-                           "the store's training level (ingest --train-size) must match",
+                           "task=classify: the store's training level (ingest --train-size) must match; "
+                           "task=detect: the detector's own level, made from the stored native views at any size",
                            lambda v: None if v.height >= 32 and v.width >= 32 else "both sides must be >= 32")
     other_lesions_channel: bool = key(True, "third input channel: the mask of the study's other lesions")
     # --- folds ----------------------------------------------------------------------------------
@@ -159,6 +160,9 @@ class Config:
     target_sensitivity: float = key(0.95, "task=detect: the operating threshold is the highest whose lesion "
                                     "sensitivity on the training folds reaches this",
                                     lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    patch_rows: int = key(0, "task=detect: train on patches of this many rows of the whole width (both views), a "
+                          "third of them on a lesion (nnU-Net's foreground oversampling); 0 = whole studies; "
+                          "validation and scoring always see whole studies", at_least(0))
     weights: str = key("imagenet", "task=classify: imagenet (read from the torch hub cache, never downloaded) | "
                        "none; a detector trains from scratch",
                        one_of("imagenet", "none"))

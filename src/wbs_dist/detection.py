@@ -11,9 +11,17 @@ touching metastases), and a lesion may be found by several components; neither i
 positive. A component more than MAX_AREA_RATIO (10) times a lesion's area does not find it: a
 threshold low enough to melt the map into one body-sized blob would otherwise "find" every lesion
 with no false positive (an untrained U-Net did exactly that: 100 % sensitivity at 0 false positives
-a study at threshold 0.1); a region 10 times a lesion still takes in the joint under it. Lesions are delineated on one view although they show on both, so a component on the
-other view's copy of a lesion counts as false: the figures are per delineation, as the
-finder's measurements are.
+a study at threshold 0.1); a region 10 times a lesion still takes in the joint under it.
+
+A lesion shows on both views but is delineated on one (the study's protocol: the view where it is
+less attenuated). Its other appearance sits at the mirrored place of the other view: the anterior
+and posterior images are taken at once by opposed camera heads, same rows, columns mirrored, so on
+the side-by-side image (anterior | posterior) it is the whole image flipped left-right
+(`with_copies`). A component on such a copy (the same overlap rule) finds no delineation and is
+**not a false positive** either: it is the lesion, seen from the other side. Before this rule every
+lesion a detector saw on both views counted once as false; the number of such components is
+`copies` in each FROC point, so nothing is hidden. The detector learns the copies as lesions too:
+a target that calls one appearance lesion and its mirror image background is one no network can meet.
 
 Components are 8-connected (a diagonal step joins pixels: predicted blobs are not split along
 their staircase edges).
@@ -33,6 +41,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 OVERLAP = 0.3
+COUNTS = ("found", "lesions", "false", "copies")      # a study's counts at one threshold, as ranks gather them
+COPY = 0x8000        # label-map ids from here on: a delineated lesion's appearance on the other view
 MAX_AREA_RATIO = 10
 TARGET_SENSITIVITY = 0.95
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.951, 0.05))
@@ -45,6 +55,11 @@ class Match:
     found: int          # of them, found by a component
     false: int          # components that find no lesion
     components: int     # components proposed
+    copies: int = 0     # components on a lesion's other-view appearance only: neither found nor false
+
+
+def counts(m: Match) -> list[int]:
+    return [m.found, m.lesions, m.false, m.copies]
 
 
 def components(prob: np.ndarray, threshold: float) -> np.ndarray:
@@ -53,25 +68,53 @@ def components(prob: np.ndarray, threshold: float) -> np.ndarray:
     return labels
 
 
+def with_copies(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The side-by-side label map (anterior | posterior) with each delineated lesion's other-view
+    appearance added as id | COPY, where that view was acquired (`image` has counts in its half) and
+    nothing is delineated."""
+    labels = np.asarray(labels)
+    if labels.size and labels.max() >= COPY:
+        raise ValueError(f"lesion ids must be below {COPY} (got {int(labels.max())})")
+    half = labels.shape[1] // 2
+    mirrored = labels[:, ::-1]
+    acquired = np.zeros(labels.shape, bool)
+    for h in (0, 1):
+        acquired[:, h * half:(h + 1) * half] = np.asarray(image)[:, h * half:(h + 1) * half].any()
+    out = labels.astype(np.uint16, copy=True)
+    put = (labels == 0) & (mirrored > 0) & acquired
+    out[put] = mirrored[put] | COPY
+    return out
+
+
+def _hits(proposed: np.ndarray, truth: np.ndarray, comp_ids, comp_area, overlap: float) -> np.ndarray:
+    """(component, lesion) pairs where the component finds the lesion: overlap coefficient above
+    `overlap`, component at most MAX_AREA_RATIO times the lesion."""
+    les_ids, les_area = np.unique(truth[truth > 0], return_counts=True)
+    both = (proposed > 0) & (truth > 0)
+    pairs, inter = np.unique(np.stack([proposed[both], truth[both]]), axis=1, return_counts=True)
+    if not inter.size:
+        return np.zeros((0, 2), dtype=np.int64)
+    comp = comp_area[np.searchsorted(comp_ids, pairs[0])]
+    les = les_area[np.searchsorted(les_ids, pairs[1])]
+    return pairs[:, (inter / np.minimum(comp, les) > overlap) & (comp <= MAX_AREA_RATIO * les)].T
+
+
 def match(proposed: np.ndarray, truth: np.ndarray, overlap: float = OVERLAP) -> Match:
-    """Match a label map of proposed components against the study's lesion label map (ids > 0)."""
+    """Match a label map of proposed components against the study's lesion label map (ids > 0;
+    ids >= COPY: other-view appearances, see with_copies)."""
     proposed, truth = np.asarray(proposed), np.asarray(truth)
     if proposed.shape != truth.shape:
         raise ValueError(f"proposed components {proposed.shape} and lesion map {truth.shape} differ in shape")
     comp_ids, comp_area = np.unique(proposed[proposed > 0], return_counts=True)
-    les_ids, les_area = np.unique(truth[truth > 0], return_counts=True)
-    both = (proposed > 0) & (truth > 0)
-    pairs, inter = np.unique(np.stack([proposed[both], truth[both]]), axis=1, return_counts=True)
-    hit = np.zeros((0, 2), dtype=np.int64)
-    if inter.size:
-        smaller = np.minimum(comp_area[np.searchsorted(comp_ids, pairs[0])],
-                             les_area[np.searchsorted(les_ids, pairs[1])])
-        comp = comp_area[np.searchsorted(comp_ids, pairs[0])]
-        les = les_area[np.searchsorted(les_ids, pairs[1])]
-        hit = pairs[:, (inter / smaller > overlap) & (comp <= MAX_AREA_RATIO * les)].T
-    found = len(set(hit[:, 1].tolist()))
-    true_components = len(set(hit[:, 0].tolist()))
-    return Match(int(les_ids.size), found, int(comp_ids.size) - true_components, int(comp_ids.size))
+    copy = truth >= COPY
+    delineated = np.where(copy, 0, truth)
+    hit = _hits(proposed, delineated, comp_ids, comp_area, overlap)
+    true_components = set(hit[:, 0].tolist())
+    on_copy = set(_hits(proposed, np.where(copy, truth, 0), comp_ids, comp_area, overlap)[:, 0].tolist())
+    copies = len(on_copy - true_components)
+    lesions = int(np.unique(delineated[delineated > 0]).size)
+    return Match(lesions, len(set(hit[:, 1].tolist())), int(comp_ids.size) - len(true_components) - copies,
+                 int(comp_ids.size), copies)
 
 
 def froc(probs: Sequence[np.ndarray], truths: Sequence[np.ndarray],
@@ -95,7 +138,7 @@ def point(threshold: float | None, matches: Sequence[Match]) -> dict:
     n = len(matches)
     return {"threshold": threshold, "sensitivity": found / lesions if lesions else None,
             "fp_per_study": false / n if n else None, "found": found, "lesions": lesions, "false": false,
-            "studies": n}
+            "copies": sum(m.copies for m in matches), "studies": n}
 
 
 def choose_threshold(points: Sequence[dict], target: float = TARGET_SENSITIVITY) -> tuple[float, str]:
@@ -115,10 +158,10 @@ def choose_threshold(points: Sequence[dict], target: float = TARGET_SENSITIVITY)
 
 
 def froc_from_counts(counts: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> list[dict]:
-    """FROC points from per-study counts (studies, thresholds, [found, lesions, false]): what ranks
-    gather instead of probability maps."""
-    counts = np.asarray(counts).reshape(-1, len(thresholds), 3)
-    return [point(float(t), [Match(int(l), int(f), int(x), 0) for f, l, x in counts[:, j]])
+    """FROC points from per-study counts (studies, thresholds, COUNTS): what ranks gather instead of
+    probability maps."""
+    counts = np.asarray(counts).reshape(-1, len(thresholds), len(COUNTS))
+    return [point(float(t), [Match(int(l), int(f), int(x), 0, int(c)) for f, l, x, c in counts[:, j]])
             for j, t in enumerate(thresholds)]
 
 

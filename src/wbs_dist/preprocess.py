@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from wbs_dist.detection import with_copies
 from wbs_dist.schema import VIEWS
 
 
@@ -97,6 +98,15 @@ def count_scale(image: np.ndarray) -> float:
 def normalise(image: np.ndarray, scale: np.float32) -> np.ndarray:
     """Counts → network input. The one definition both loaders use, so they agree bit for bit."""
     return image / np.float32(scale)
+
+
+def detection_level(views: dict[str, np.ndarray], labels: dict[str, np.ndarray], height: int, width: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A study at the learned detector's level: (normalised image float32, label map uint16 with the
+    other-view copies), from native views and label maps keyed by slot (schema.VIEWS); the image by
+    its own count scale at that level. Training (train/detector.py) and scoring (infer/score.py) use it."""
+    image, lab = training_level(views, labels, height, width)
+    return normalise(image, np.float32(count_scale(image))), with_copies(lab, image)
 
 
 def make_input(image: np.ndarray, labels: np.ndarray, lesion_id: int, other_lesions_channel: bool) -> np.ndarray:

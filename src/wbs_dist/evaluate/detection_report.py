@@ -16,19 +16,26 @@ from typing import Sequence
 
 from wbs_dist import atomic
 
-FOLD_KEYS = ("threshold", "sensitivity", "fp_per_study", "found", "lesions", "false", "studies")
+FOLD_KEYS = ("threshold", "sensitivity", "fp_per_study", "found", "lesions", "false", "copies", "studies")
+METHOD = ("a lesion is found when a component of the thresholded probability map (8-connected) overlaps it with "
+          "overlap coefficient > 0.3 and is at most 10 times its area; a component on a lesion's appearance on the "
+          "other view (the mirrored place: lesions are delineated on one view) is counted as a copy, neither found "
+          "nor false; any other component is a false positive; each fold's threshold is the highest reaching the "
+          "target sensitivity on its training folds (detection.py)")
 
 
 def pooled_point(threshold: float | None, points: Sequence[dict]) -> dict:
     """Points of disjoint sets of studies (the folds) as one: their counts summed."""
-    found, lesions, false, studies = (sum(p[k] for p in points) for k in ("found", "lesions", "false", "studies"))
+    found, lesions, false, copies, studies = (sum(p[k] for p in points)
+                                              for k in ("found", "lesions", "false", "copies", "studies"))
     return {"threshold": threshold, "sensitivity": found / lesions if lesions else None,
             "fp_per_study": false / studies if studies else None, "found": found, "lesions": lesions,
-            "false": false, "studies": studies}
+            "false": false, "copies": copies, "studies": studies}
 
 
-def detection_summary(folds: dict[int, dict]) -> dict:
-    """metrics.json's `detection` block from the folds' detection.json contents."""
+def detection_summary(folds: dict[int, dict], classical: dict | None = None) -> dict:
+    """metrics.json's `detection` block from the folds' detection.json contents, with the classical
+    hot-spot finder's point on the same studies when given (`classical`, a detection.point)."""
     per_fold = {str(k): {**{key: d["at_threshold"][key] for key in FOLD_KEYS}, "threshold_note": d["threshold_note"]}
                 for k, d in sorted(folds.items())}
     pooled = pooled_point(None, [d["at_threshold"] for d in folds.values()])
@@ -36,18 +43,13 @@ def detection_summary(folds: dict[int, dict]) -> dict:
     grid = [p["threshold"] for p in next(iter(folds.values()))["froc"]]
     froc = [pooled_point(t, [next(p for p in d["froc"] if p["threshold"] == t) for d in folds.values()])
             for t in grid]
-    return {"folds": per_fold, "pooled": pooled, "froc": froc,
-            "target_sensitivity": next(iter(folds.values()))["target_sensitivity"],
-            "method": "a lesion is found when a component of the thresholded probability map (8-connected) "
-                      "overlaps it with overlap coefficient > 0.3 and is at most 10 times its area; a component "
-                      "finding no lesion is a false "
-                      "positive; each fold's threshold is the highest reaching the target sensitivity on its "
-                      "training folds (detection.py)"}
+    return {"folds": per_fold, "pooled": pooled, "froc": froc, "classical": classical,
+            "target_sensitivity": next(iter(folds.values()))["target_sensitivity"], "method": METHOD}
 
 
-def froc_figure(summary: dict, classical: Sequence[tuple[str, float, float]] = ()):
+def froc_figure(summary: dict):
     """Pooled FROC (sensitivity against false positives per study), the folds' operating points, and
-    any other detector's operating points given as (name, fp per study, sensitivity)."""
+    the classical hot-spot finder's point on the same studies."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 4.2))
@@ -56,8 +58,9 @@ def froc_figure(summary: dict, classical: Sequence[tuple[str, float, float]] = (
     ax.plot([p["fp_per_study"] for p in pts], [p["sensitivity"] for p in pts], "-o", ms=3, label="learned (pooled)")
     for k, f in summary["folds"].items():
         ax.plot(f["fp_per_study"], f["sensitivity"], "s", ms=6, label=f"fold {k} at its threshold {f['threshold']:g}")
-    for name, fp, sens in classical:
-        ax.plot(fp, sens, "*", ms=12, label=name)
+    c = summary.get("classical")
+    if c and c["sensitivity"] is not None:
+        ax.plot(c["fp_per_study"], c["sensitivity"], "*", ms=12, label="hot-spot finder (classical)")
     ax.axhline(summary["target_sensitivity"], color="grey", lw=0.8, ls="--")
     ax.set_xlabel("false positives per study")
     ax.set_ylabel("lesion sensitivity")
@@ -70,11 +73,11 @@ def froc_figure(summary: dict, classical: Sequence[tuple[str, float, float]] = (
     return fig
 
 
-def write_detection_report(folds: dict[int, dict], out: Path) -> dict:
+def write_detection_report(folds: dict[int, dict], out: Path, classical: dict | None = None) -> dict:
     """OUT/metrics.json ({"detection": ...}), OUT/froc.png and OUT/report.html; the block."""
     from wbs_dist.evaluate.plots import png
 
-    summary = detection_summary(folds)
+    summary = detection_summary(folds, classical)
     image = png(froc_figure(summary))
     p = summary["pooled"]
     rows = "".join(f"<tr><td>{k}</td><td>{f['threshold']:g}</td><td>{100 * f['sensitivity']:.1f} %</td>"
@@ -82,11 +85,16 @@ def write_detection_report(folds: dict[int, dict], out: Path) -> dict:
                    for k, f in summary["folds"].items())
     import base64
 
+    c = summary["classical"]
+    finder = (f"<p>The classical hot-spot finder on the same studies at the same level: sensitivity "
+              f"{100 * c['sensitivity']:.1f} % ({c['found']}/{c['lesions']}), {c['fp_per_study']:.2f} false positives "
+              "per study.</p>" if c and c["sensitivity"] is not None else "")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>wbs-dist detection report</title></head><body>"
             "<h1>Detection report</h1>"
             f"<p>Pooled over the validation folds at each fold's threshold: sensitivity "
             f"{100 * p['sensitivity']:.1f} % ({p['found']}/{p['lesions']} lesions), {p['fp_per_study']:.2f} false "
-            f"positives per study ({p['studies']} studies).</p>"
+            f"positives per study ({p['studies']} studies; {p['copies']} components on a lesion's other-view "
+            f"appearance, not counted as false).</p>{finder}"
             "<table><tr><th>fold</th><th>threshold</th><th>sensitivity</th><th>FP/study</th><th>found</th>"
             f"<th>studies</th></tr>{rows}</table>"
             f"<img alt='FROC' src='data:image/png;base64,{base64.b64encode(image).decode()}'>"

@@ -264,3 +264,30 @@ def find_candidates(views: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
         regions += found
         offset += len(found)
     return labels, regions
+
+
+def finder_match(views: dict[str, np.ndarray], labels: dict[str, np.ndarray], height: int, width: int):
+    """The finder on one annotated study (native views and label maps by slot, schema.VIEWS), matched
+    as the learned detector is (detection.match): its regions and the delineations with their
+    other-view copies brought to the detector's level (height, width)."""
+    from wbs_dist.detection import match, with_copies
+    from wbs_dist.preprocess import training_level
+
+    found, _ = find_candidates(views)
+    image, truth = training_level(views, {v: a for v, a in labels.items() if v in views}, height, width)
+    return match(training_level({}, found, height, width)[1], with_copies(truth, image))
+
+
+def finder_point(store, study_keys, height: int, width: int) -> dict:
+    """The finder's pooled operating point (detection.point) on stored annotated studies at the
+    detector's level, for the detector's FROC plot (evaluate/detection_report.py)."""
+    from wbs_dist.detection import point
+    from wbs_dist.schema import VIEWS
+
+    matches = []
+    for key in study_keys:
+        g = store.study(key)
+        views = {v: a for v, a in store.native_views(key).items() if v in VIEWS}
+        labels = dict(zip(g.attrs["views"], g["labels"][...])) if "labels" in g else {}
+        matches.append(finder_match(views, labels, height, width))
+    return point(None, matches)

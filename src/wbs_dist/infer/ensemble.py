@@ -77,7 +77,8 @@ class Ensemble:
                                 if task == "detect" or self.config.task == "detect" else ""))
         self.split = finished[0].split()
         # A detector fold's operating threshold was chosen on its training folds (detection.json).
-        self.thresholds = {f.fold: f.read_detection()["threshold"] for f in finished} if task == "detect" else {}
+        self.detection = {f.fold: f.read_detection() for f in finished} if task == "detect" else {}
+        self.thresholds = {k: d["threshold"] for k, d in self.detection.items()}
         self.folds = [f.fold for f in finished]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.models = []
@@ -131,6 +132,17 @@ class Ensemble:
                 total[index] += torch.sigmoid(main.float().view(-1)).double()
                 count[rows] += 1
         return total.cpu().numpy() / count
+
+    def below_target(self) -> dict[int, tuple[float | None, float]]:
+        """Detector folds whose threshold does not reach their target sensitivity on their own training
+        folds: {fold: (sensitivity there, target)}."""
+        out = {}
+        for k, d in self.detection.items():
+            at = next((p for p in d["train_froc"] if p["threshold"] == d["threshold"]), None)
+            sens = at["sensitivity"] if at else None
+            if sens is None or sens < d["target_sensitivity"]:
+                out[k] = (sens, d["target_sensitivity"])
+        return out
 
     def maps(self, x: np.ndarray, fold: int = ENSEMBLE) -> tuple[np.ndarray, float]:
         """A detector's (N, H, W) lesion probability, the mean over every fold (or `fold`'s alone),

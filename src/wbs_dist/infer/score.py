@@ -66,7 +66,7 @@ from wbs_dist.infer import candidates, learned
 from wbs_dist.infer.ensemble import finished_folds
 from wbs_dist.infer.known import ENSEMBLE, known_patients
 from wbs_dist.infer.parts import PART_FORMAT, Parts, errors_path, merge, summary_path
-from wbs_dist.preprocess import count_scale, make_input, normalise, training_level
+from wbs_dist.preprocess import count_scale, detection_level, make_input, normalise, training_level
 from wbs_dist.schema import ANTERIOR, LABEL_CODES, VIEWS, view_order
 
 FLUSH_SECONDS = 60.0
@@ -101,6 +101,8 @@ class Scan:
     scale: float
     labels: np.ndarray
     slots: dict[str, str] = field(default_factory=dict)     # half of the image (VIEWS) -> the view in it
+    detect: np.ndarray | None = None                         # learned candidates: the detector's input
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)   # slot -> native (rows, cols)
 
 
 @dataclass
@@ -148,6 +150,10 @@ def _study_task(job: StudyJob) -> StudyResult:
         image, lab = training_level({slot: views[v] for slot, v in group.items()},
                                     {slot: labels[v] for slot, v in group.items() if v in labels}, height, width)
         res.scans.append(Scan(image, count_scale(image), lab, dict(group)))
+        if res.source == "learned":
+            res.scans[-1].detect = detection_level({slot: views[v] for slot, v in group.items()}, {},
+                                                   *worker_state()["detect_size"])[0]
+            res.scans[-1].shapes = {slot: views[v].shape for slot, v in group.items()}
     res.lesions = [(lid, view, label, slots[view]) for lid, view, label in lesions]
     if worker_state()["overlays"]:
         res.native, res.native_labels = views, labels
@@ -226,6 +232,7 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
     if out.suffix.lower() != ".csv":
         raise UsageError(f"--out {out}: expected a .csv path (summary and errors are written beside it)")
     finished, config = finished_folds(run, fold)
+    explicit = candidates_from is not None
     candidates_from = candidates_from or ("learned" if detector is not None else "classical")
     if candidates_from not in ("learned", "classical") or (candidates_from == "learned" and detector is None):
         raise UsageError(f"--candidates {candidates_from}: 'classical', or 'learned' with --detector RUN_DIR")
@@ -238,14 +245,16 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
     with contextlib.ExitStack() as held:
         with StudySource.open(archive, annotations, budgets) as source:
             errors = list(source.errors)
-            extra = {"size": tuple(config.train_size), "overlays": overlays is not None, "candidates": candidates_from}
+            extra = {"size": tuple(config.train_size), "overlays": overlays is not None, "candidates": candidates_from,
+                     "detect_size": tuple(finished_folds(detector, fold)[1].train_size)
+                     if candidates_from == "learned" else None}
             with StudyPool(source, workers, extra) as pool:
                 # The workers start and read headers while this process loads the models.
                 headers = pool.headers(source.members)
                 ensemble = Ensemble(run, fold)
                 ensemble.detector = None
                 if candidates_from == "learned":
-                    ensemble.detector = _detector(detector, fold, ensemble, config)
+                    ensemble.detector = _detector(detector, fold, ensemble, explicit)
                 fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
                                "annotations": str(Path(annotations).resolve()) if annotations else None,
                                "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS,
@@ -280,13 +289,22 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                        sum(f != ENSEMBLE for f in folds.values()), known.unrecognised)
 
 
-def _detector(path: Path, fold: int | None, ensemble, config):
-    """The detector folds that propose learned candidates: of the classifier's size and split."""
+def _detector(path: Path, fold: int | None, ensemble, explicit: bool):
+    """The detector folds that propose learned candidates: of the classifier's split, and reaching
+    their target sensitivity on their training folds unless `--candidates learned` asks for them anyway."""
     from wbs_dist.infer.ensemble import Ensemble
 
     det = Ensemble(path, fold, task="detect")
-    if tuple(det.size) != tuple(config.train_size):
-        raise UsageError(f"--detector {path}: trained at {det.size}, the classifier at {tuple(config.train_size)}")
+    below = det.below_target()
+    if below:
+        said = "; ".join(f"fold {k} {'no lesions' if s is None else f'{s:.1%}'} (target {t:.0%})"
+                         for k, (s, t) in sorted(below.items()))
+        message = (f"--detector {path} does not reach its target lesion sensitivity on its own training folds at "
+                   f"its threshold ({said}): it misses lesions the classical finder would propose")
+        if not explicit:
+            raise UsageError(f"{message}. Pass --candidates learned to score with it anyway, or --candidates "
+                             "classical for the finder")
+        print(f"WARNING: {message}; scoring with it as --candidates learned asks", file=sys.stderr)
     if det.split and ensemble.split and det.split != ensemble.split:
         raise UsageError(f"--detector {path} was trained on split {det.split}, the classifier --run on {ensemble.split}: "
                          "the out-of-fold rule needs one split (train both on the same store's folds)")
@@ -370,8 +388,7 @@ def _score_jobs(pool: StudyPool, jobs, ensemble, batch, parts: Parts, part_size,
             for fut in ready:
                 res = fut.result()
                 if res.source == "learned" and not res.errors:
-                    shapes = {v: a.shape for v, a in (res.native or {}).items()}
-                    res.lesions, native_labels = learned.propose(ensemble.detector, res.scans, shapes,
+                    res.lesions, native_labels = learned.propose(ensemble.detector, res.scans,
                                                                  folds.get(res.uid, ENSEMBLE))
                     if res.native is not None:
                         res.native_labels = native_labels

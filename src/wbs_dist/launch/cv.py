@@ -100,7 +100,10 @@ def cross_validate(cfg: Config, launcher: str = "local") -> CvResult:
 def _detection_report(cfg: Config) -> CvResult:
     """A detector run's report: every fold's detection.json (its FROC and the threshold its training
     folds chose) pooled into RUN_DIR/report/."""
+    from wbs_dist.data.store import Store
     from wbs_dist.evaluate.detection_report import write_detection_report
+    from wbs_dist.infer.candidates import finder_point
+    from wbs_dist.train.detector import study_index
 
     folds = {}
     for k in range(cfg.folds):
@@ -108,6 +111,10 @@ def _detection_report(cfg: Config) -> CvResult:
         if not fold.is_finished():
             raise WbsError(f"fold {k} has not finished ({fold.path}): nothing to report yet")
         folds[k] = fold.read_detection()
+    # The finder's point on the same studies (every validation fold's), at the detector's level.
+    store = Store.open(Path(cfg.store))
+    keys = study_index(store, range(cfg.folds), cfg.train_size).study_keys
+    classical = finder_point(store, keys, *cfg.train_size)
     report_dir = Path(cfg.run_dir) / "report"
-    return CvResult(None, report_dir, [], write_detection_report(folds, report_dir))
+    return CvResult(None, report_dir, [], write_detection_report(folds, report_dir, classical))
 

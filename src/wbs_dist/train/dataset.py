@@ -49,6 +49,11 @@ class LesionIndex:
     def channels(self) -> int:
         return input_channels(self.other_lesions_channel)
 
+    def study_arrays(self, store: Store, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Study s's normalised training image and label map, as ingest stored them."""
+        g = store.study(self.study_keys[s])
+        return normalise(g["train_image"][...], self.scale[s]), g["train_labels"][...]
+
 
 def lesion_index(store: Store, folds: Sequence[int], size: tuple[int, int],
                  other_lesions_channel: bool = True) -> LesionIndex:
@@ -126,7 +131,7 @@ class LesionDataset(StoreDataset):
     def __getitem__(self, i: int) -> dict:
         ix = self.index
         s = int(ix.study[i])
-        g = self.study(ix.study_keys[s])
-        image = normalise(g["train_image"][...], ix.scale[s])
-        x = make_input(image, g["train_labels"][...], int(ix.lesion_id[i]), ix.other_lesions_channel)
+        self.study(ix.study_keys[s])                           # opens the store once per worker
+        image, labels = ix.study_arrays(self._store, s)
+        x = make_input(image, labels, int(ix.lesion_id[i]), ix.other_lesions_channel)
         return {"x": torch.from_numpy(x), "y": torch.tensor(ix.label[i]), "index": torch.tensor(i)}

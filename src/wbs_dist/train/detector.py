@@ -1,10 +1,14 @@
 """The learned lesion detector: lesion vs background on the side-by-side training image.
 
 What it learns from: every annotated study of the training folds (benign and malignant lesions
-alike), its training image (`train_image`, normalised by the study's count scale as the classifier's
-input is, preprocess.normalise) and its lesion label map at the same level (`train_labels` > 0).
-Whole-study samples; the flip augmentation mirrors each view, image and target together
-(preprocess.mirror_views), as the classifier's does.
+alike), at the detector's own level: config key `train_size` of a detect run is the detector's input,
+made from the store's native views and label maps as ingest makes the classifier's level
+(preprocess.training_level), at any size -- the classifier's level can be too coarse to see a lesion
+(the demo's 128 x 64 puts a synthetic lesion of sigma ~3 px into less than one pixel). The image is
+normalised by its own count scale (preprocess.count_scale at that level); the target is every
+delineated lesion and its appearance on the other view (detection.with_copies: a lesion shows on
+both views, delineated on one). Whole-study samples; the flip augmentation mirrors each view, image
+and target together (preprocess.mirror_views), as the classifier's does.
 
 The network: MONAI's `UNet` (residual units, Kerfoot et al. 2018), 2-D, one input channel, two
 output classes. MONAI because it is the medical-imaging standard, maintained and tested against the
@@ -33,7 +37,7 @@ import torch
 from wbs_dist.data.folds import lesion_folds
 from wbs_dist.data.store import Store, int_to_key
 from wbs_dist.errors import ConfigError
-from wbs_dist.preprocess import mirror_views, normalise
+from wbs_dist.preprocess import detection_level, mirror_views
 from wbs_dist.train.dataset import StoreDataset
 
 WIDTHS = {"unet": ((16, 32, 64, 128, 256), (2, 2, 2, 2)), "unet_small": ((8, 16, 32), (2, 2))}
@@ -48,6 +52,19 @@ def build_detector(name: str = "unet") -> torch.nn.Module:
     channels, strides = WIDTHS[name]
     return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=strides,
                 num_res_units=2)
+
+
+def check_input_size(cfg) -> None:
+    """The U-Net halves its input at each stride: every side (and a training patch's rows) must be a
+    multiple of the product of its strides, or its skip connections do not line up."""
+    strides = WIDTHS.get(cfg.model, ((), ()))[1]
+    step = int(np.prod(strides)) if strides else 1
+    h, w = cfg.train_size
+    if h % step or w % step:
+        raise ConfigError(f"config key 'train_size': {cfg.model} needs both sides multiples of {step}, got {h}x{w}")
+    if cfg.patch_rows and (cfg.patch_rows % step or cfg.patch_rows > h):
+        raise ConfigError(f"config key 'patch_rows': {cfg.patch_rows} must be a multiple of {step} and at most the "
+                          f"height {h} for {cfg.model} (0: whole studies)")
 
 
 def detector_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -79,34 +96,40 @@ def training_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
 
 @dataclass
 class StudyIndex:
-    """The annotated studies of some folds: the detector's samples."""
+    """The annotated studies of some folds: the detector's samples, at (height, width)."""
 
     store_path: Path
     height: int
     width: int
     study_keys: list[str]
-    scale: np.ndarray               # float32 count scale per study
     fold: np.ndarray                # int8 fold per study
 
     def __len__(self) -> int:
         return len(self.study_keys)
 
+    def study_arrays(self, store: Store, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Study s at the detector's level, from the store's native views and label maps."""
+        key = self.study_keys[s]
+        views = store.native_views(key)
+        g = store.study(key)
+        labels = dict(zip(g.attrs["views"], g["labels"][...])) if "labels" in g else {}
+        return detection_level({v: a.astype(np.float32) for v, a in views.items()}, labels, self.height, self.width)
 
-def study_index(store: Store, folds: Sequence[int]) -> StudyIndex:
+
+def study_index(store: Store, folds: Sequence[int], size: Sequence[int]) -> StudyIndex:
     """The studies with at least one lesion in the store's lesion table whose patients are in `folds`."""
     table = store.lesion_table()
     fold_of = lesion_folds(store, table)
     studies, first = np.unique(table["study"], return_index=True)
     keep = np.isin(fold_of[first], np.asarray(folds))
     keys = [int_to_key(s) for s in studies[keep]]
-    scale = np.array([store.study(k).attrs["count_scale"] for k in keys], np.float32)
-    height, width = store.train_size
-    return StudyIndex(store.path, height, width, keys, scale, fold_of[first][keep].astype(np.int8))
+    height, width = size
+    return StudyIndex(store.path, height, width, keys, fold_of[first][keep].astype(np.int8))
 
 
 class StudyDataset(StoreDataset):
-    """(1, H, W) normalised training image and (1, H, W) lesion target of each study, read from the
-    store; `flip_p` mirrors both views of a sample with that probability (training only)."""
+    """(1, H, W) normalised image and (1, H, W) lesion target (with other-view copies) of each study,
+    read from the store; `flip_p` mirrors both views of a sample with that probability (training only)."""
 
     def __init__(self, index: StudyIndex, flip_p: float = 0.0, seed: int = 0):
         super().__init__(index)
@@ -114,9 +137,9 @@ class StudyDataset(StoreDataset):
         self.rng = np.random.default_rng(seed)
 
     def __getitem__(self, i: int) -> dict:
-        g = self.study(self.index.study_keys[i])
-        x = normalise(g["train_image"][...], self.index.scale[i])[None]
-        y = (g["train_labels"][...] > 0).astype(np.int64)[None]
+        self.study(self.index.study_keys[i])                   # opens the store once per worker
+        image, labels = self.index.study_arrays(self._store, i)
+        x, y = image[None], (labels > 0).astype(np.int64)[None]
         if self.flip_p and self.rng.random() < self.flip_p:
             x, y = mirror_views(x), mirror_views(y)
         return {"x": torch.from_numpy(np.ascontiguousarray(x)), "y": torch.from_numpy(np.ascontiguousarray(y)),

@@ -43,7 +43,6 @@ import torch
 from wbs_dist import scratch
 from wbs_dist.data.store import Store
 from wbs_dist.errors import UsageError
-from wbs_dist.preprocess import normalise
 from wbs_dist.train.dataset import LesionIndex
 
 
@@ -75,7 +74,8 @@ def epoch_plan(n: int, global_batch: int, world: int, rank: int, seed: int, epoc
 # -- the study cache --------------------------------------------------------------------------------
 @dataclass
 class StudyCache:
-    """The split's studies as (S, H, W) memory maps: normalised image (float32), labels (uint16)."""
+    """The split's studies as (S, H, W) memory maps: normalised image (float32), labels (uint16), as
+    the index makes them (`study_arrays`: the classifier's stored level, or the detector's)."""
 
     folder: str
     shape: tuple[int, int, int, int]
@@ -94,9 +94,7 @@ class StudyCache:
         store = Store.open(index.store_path)
 
         def load(s: int) -> None:
-            g = store.study(index.study_keys[s])
-            images[s] = normalise(g["train_image"][...], index.scale[s])
-            labels[s] = g["train_labels"][...]
+            images[s], labels[s] = index.study_arrays(store, s)
 
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(load, range(shape[0])))
@@ -119,11 +117,11 @@ class _Source:
     """DALI batch source. Picklable and stateless in what it yields: batch = f(epoch, step)."""
 
     def __init__(self, index: LesionIndex, cache: StudyCache, *, global_batch: int, world: int, rank: int,
-                 seed: int, shuffle: bool, flip_p: float, start_epoch: int, start_step: int):
+                 seed: int, shuffle: bool, flip_p: float, start_epoch: int, start_step: int, samples: int):
         self.study = getattr(index, "study", None)        # a StudyIndex's sample i is study i
         self.lesion_id = getattr(index, "lesion_id", None)
         self.label = getattr(index, "label", None)
-        self.n = len(index)
+        self.n = samples                                   # len(index), or more (StudyLoader's patches)
         self.cache = cache
         self.args = dict(global_batch=global_batch, world=world, rank=rank, seed=seed, shuffle=shuffle, flip_p=flip_p)
         self.start_epoch, self.start_step = start_epoch, start_step
@@ -142,7 +140,7 @@ class _Source:
         return self._plan[1]
 
     def _draw(self, info):
-        """(cached images and label maps, sample index, valid, flip) of this batch."""
+        """(cached images and label maps, sample index, valid, flip, epoch, step) of this batch."""
         epoch = self.start_epoch + info.epoch_idx
         step = info.iteration + (self.start_step if info.epoch_idx == 0 else 0)
         if step >= self.steps:
@@ -150,10 +148,10 @@ class _Source:
         if self._arrays is None:
             self._arrays = self.cache.arrays()
         idx, valid, flip = (a[step] for a in self.plan(epoch))
-        return self._arrays, idx, valid, flip
+        return self._arrays, idx, valid, flip, epoch, step
 
     def __call__(self, info):
-        (images, labels), idx, valid, flip = self._draw(info)
+        (images, labels), idx, valid, flip, _, _ = self._draw(info)
         studies = self.study[idx]
         return ([np.asarray(images[s]) for s in studies],
                 [np.asarray(labels[s]) for s in studies],
@@ -164,14 +162,49 @@ class _Source:
                 [np.array(i, np.int64) for i in idx])
 
 
+# nnU-Net's oversample_foreground_percent: a third of the training patches are placed on a lesion;
+# the rest anywhere, so that most of what the detector sees is normal anatomy, as in a study.
+PATCH_FOREGROUND = 1 / 3
+
+
+def patch_start(labels: np.ndarray, rows: int, seed: int, epoch: int, position: int) -> int:
+    """First row of a training patch of `rows` rows (the whole width: both views, so the flip of each
+    view commutes with it) of a study with label map `labels`: with probability PATCH_FOREGROUND a
+    patch holding a random lesion row (target pixels: lesions and their other-view copies), else
+    anywhere. Drawn from (seed, epoch, global position) like the flips: the same on any number of ranks."""
+    h = labels.shape[0]
+    if rows >= h:
+        return 0
+    rng = np.random.default_rng([seed, epoch, 0x9A7C, position])
+    fg, u = rng.random(2)
+    lesion_rows = np.flatnonzero(np.asarray(labels).any(axis=1))
+    if fg < PATCH_FOREGROUND and lesion_rows.size:
+        centre = int(lesion_rows[int(u * lesion_rows.size)])
+        lo, hi = max(0, centre - rows + 1), min(centre, h - rows)
+        return lo + int(rng.integers(hi - lo + 1))
+    return int(rng.integers(h - rows + 1))
+
+
 class _StudySource(_Source):
-    """Whole-study samples (the detector's): image, label map, flip, valid, index."""
+    """Study samples (the detector's): image, label map, flip, valid, index, and the first row of the
+    patch (`patch_rows` > 0: training patches of that many rows; 0: the whole study)."""
+
+    patch_rows = 0
 
     def __call__(self, info):
-        (images, labels), idx, valid, flip = self._draw(info)
-        return ([np.asarray(images[s]) for s in idx], [np.asarray(labels[s]) for s in idx],
+        (images, labels), idx, valid, flip, epoch, step = self._draw(info)
+        idx = idx % len(images)                          # sample p is patch p // S of study p % S
+        a = self.args
+        b = a["global_batch"] // a["world"]
+        first = [0] * len(idx)
+        if self.patch_rows:
+            base = step * a["global_batch"] + a["rank"] * b
+            first = [patch_start(labels[s], self.patch_rows, a["seed"], epoch, base + j) for j, s in enumerate(idx)]
+        rows = [slice(r, r + self.patch_rows) if self.patch_rows else slice(None) for r in first]
+        return ([np.asarray(images[s][r]) for s, r in zip(idx, rows)],
+                [np.asarray(labels[s][r]) for s, r in zip(idx, rows)],
                 [np.array([f], np.int32) for f in flip], [np.array(v, np.float32) for v in valid],
-                [np.array(i, np.int64) for i in idx])
+                [np.array(i, np.int64) for i in idx], [np.array(r, np.float32) for r in first])
 
 
 def _study_pipeline(source: _StudySource, *, batch: int, height: int, width: int, device_id: int | None,
@@ -183,14 +216,15 @@ def _study_pipeline(source: _StudySource, *, batch: int, height: int, width: int
     @pipeline_def(batch_size=batch, num_threads=2, device_id=device_id, seed=seed, prefetch_queue_depth=2,
                   py_num_workers=max(workers, 1), py_start_method="spawn", exec_dynamic=False)
     def graph():
-        image, labels, flip, valid, index = fn.external_source(
-            source, num_outputs=5, batch=True, batch_info=True, parallel=workers > 0, layout=["HW", "HW", "", "", ""])
+        image, labels, flip, valid, index, first = fn.external_source(
+            source, num_outputs=6, batch=True, batch_info=True, parallel=workers > 0,
+            layout=["HW", "HW", "", "", "", ""])
         if device_id is not None:
             image, labels = image.gpu(), labels.gpu()
         x = fn.stack(image, (labels != 0) * 1.0, axis=0, axis_name="C")
         x = fn.reshape(x, shape=[1, 2 * height, 2, width // 2], layout="CDHW")      # as in _pipeline
         x = fn.flip(x, horizontal=fn.reshape(flip, shape=[]))
-        return fn.reshape(x, shape=[2, height, width], layout="CHW"), valid, index
+        return fn.reshape(x, shape=[2, height, width], layout="CHW"), first, valid, index
 
     return graph()
 
@@ -253,17 +287,18 @@ class LesionLoader:
         self.pipe.build()
 
     def _prepare(self, source_type, index, cache, global_batch, world, rank, seed, train, flip_p, start_epoch,
-                 start_step, device_id) -> None:
+                 start_step, device_id, samples: int | None = None) -> None:
         self.index = index
         self.own_cache = cache is None
         self.cache = cache or StudyCache.build(index)
         self.batch = global_batch // world
-        self.steps = steps_per_epoch(len(index), global_batch)
+        samples = len(index) if samples is None else samples
+        self.steps = steps_per_epoch(samples, global_batch)
         if not 0 <= start_step <= self.steps:
             raise UsageError(f"cannot resume at step {start_step}: an epoch has {self.steps} steps")
         self.source = source_type(index, self.cache, global_batch=global_batch, world=world, rank=rank, seed=seed,
                                   shuffle=train, flip_p=flip_p if train else 0.0, start_epoch=start_epoch,
-                                  start_step=start_step)
+                                  start_step=start_step, samples=samples)
         self.device = torch.device(f"cuda:{device_id}") if device_id is not None else torch.device("cpu")
         self.epoch_number = start_epoch
         self.step = start_step
@@ -317,20 +352,24 @@ class LesionLoader:
 
 
 class StudyLoader(LesionLoader):
-    """Whole-study batches for the detector: Batch.x is (b, 2, H, W), channel 0 the normalised image,
-    channel 1 the lesion target; Batch.y is empty. Same sharding, flips and resume as LesionLoader."""
+    """Study batches for the detector: Batch.x is (b, 2, H, W), channel 0 the normalised image,
+    channel 1 the lesion target; Batch.y the first row of each sample's patch; Batch.index the study.
+    `patch_rows` > 0 (training only): patches of that many rows instead of whole studies (patch_start),
+    ceil(H / patch_rows) of each study an epoch. Same sharding, flips and resume as LesionLoader."""
 
     def __init__(self, index, *, global_batch: int, train: bool, flip_p: float = 0.5, seed: int = 0,
                  world: int = 1, rank: int = 0, device_id: int | None = None, workers: int = 2,
-                 start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None):
+                 start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None, patch_rows: int = 0):
+        rows = patch_rows if train and 0 < patch_rows < index.height else 0
+        # An epoch covers every study's area once: ceil(H / rows) patches a study (nnU-Net instead
+        # counts 250 steps an epoch; ours keeps an epoch's validation cost in proportion).
+        repeats = -(-index.height // rows) if rows else 1
         self._prepare(_StudySource, index, cache, global_batch, world, rank, seed, train, flip_p, start_epoch,
-                      start_step, device_id)
-        self.pipe = _study_pipeline(self.source, batch=self.batch, height=index.height, width=index.width,
+                      start_step, device_id, samples=len(index) * repeats)
+        self.source.patch_rows = rows
+        self.pipe = _study_pipeline(self.source, batch=self.batch, height=rows or index.height, width=index.width,
                                     device_id=device_id, workers=workers, seed=seed)
         self.pipe.build()
-
-    def _batch(self, x, valid, index) -> Batch:
-        return Batch(self._to_torch(x), torch.zeros(0), _cpu(valid).clone(), _cpu(index).clone())
 
 
 def _cpu(tl) -> torch.Tensor:

@@ -191,8 +191,8 @@ def fold_dirs(run_dir: str | Path) -> list[FoldDir]:
 
 
 # detection.json: what its readers (the cv detection report, the scorer's detector) rely on.
-DETECTION_KEYS = ("threshold", "threshold_note", "target_sensitivity", "at_threshold", "froc")
-COUNT_KEYS = ("found", "lesions", "false", "studies")
+DETECTION_KEYS = ("threshold", "threshold_note", "target_sensitivity", "at_threshold", "froc", "train_froc")
+COUNT_KEYS = ("found", "lesions", "false", "copies", "studies")
 
 
 def _number(value) -> bool:
@@ -223,9 +223,12 @@ def read_detection(path: Path) -> dict:
         raise bad(f"threshold {doc['threshold']!r}: expected a number between 0 and 1 (exclusive)")
     if not _number(doc["target_sensitivity"]) or not 0 < doc["target_sensitivity"] <= 1:      # as the config key
         raise bad(f"target_sensitivity {doc['target_sensitivity']!r}: expected a number in (0, 1]")
-    if not isinstance(doc["froc"], list) or not doc["froc"]:
-        raise bad("froc: expected a non-empty list of points")
-    for where, p in [("at_threshold", doc["at_threshold"]), *((f"froc[{i}]", q) for i, q in enumerate(doc["froc"]))]:
+    for name in ("froc", "train_froc"):
+        if not isinstance(doc[name], list) or not doc[name]:
+            raise bad(f"{name}: expected a non-empty list of points")
+    points = [("at_threshold", doc["at_threshold"]), *((f"{name}[{i}]", q) for name in ("froc", "train_froc")
+                                                        for i, q in enumerate(doc[name]))]
+    for where, p in points:
         if not isinstance(p, dict):
             raise bad(f"{where}: expected an object")
         if (not _number(p.get("threshold")) or any(not _number(p.get(k)) or p[k] < 0 for k in COUNT_KEYS)

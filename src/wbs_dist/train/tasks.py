@@ -41,6 +41,8 @@ def make_task(cfg: Config, store: Store, fold: int, device: torch.device, world:
         raise ConfigError(f"config key 'model': {cfg.model} is {'a detector' if detector else 'a classifier'} but "
                           f"task is {cfg.task}: set task={'detect' if detector else 'classify'}, or a "
                           f"{'classifier' if detector else 'detector (' + ', '.join(DETECTORS) + ')'} as model")
+    if cfg.patch_rows and not detector:
+        raise ConfigError("config key 'patch_rows' is for task=detect (a classifier sees whole studies): set 0")
     return (DetectTask if detector else ClassifyTask)(cfg, store, fold, device, world, rank)
 
 
@@ -131,11 +133,12 @@ class DetectTask:
     unit = "studies"
 
     def __init__(self, cfg: Config, store: Store, fold: int, device: torch.device, world: int, rank: int):
-        from wbs_dist.train.detector import study_index
+        from wbs_dist.train.detector import check_input_size, study_index
 
         self.cfg, self.fold, self.device, self.world, self.rank = cfg, fold, device, world, rank
-        self.train_index = study_index(store, training_folds(cfg, fold))
-        self.val_index = study_index(store, [fold])
+        self.train_index = study_index(store, training_folds(cfg, fold), cfg.train_size)
+        self.val_index = study_index(store, [fold], cfg.train_size)
+        check_input_size(cfg)
 
     def model(self) -> torch.nn.Module:
         from wbs_dist.train.detector import build_detector
@@ -148,7 +151,7 @@ class DetectTask:
         cfg = self.cfg
         train = StudyLoader(self.train_index, global_batch=cfg.batch_size, train=True, flip_p=cfg.flip_p,
                             seed=cfg.seed, world=self.world, rank=self.rank, device_id=device_id, workers=cfg.num_workers,
-                            start_epoch=start_epoch, start_step=start_step)
+                            start_epoch=start_epoch, start_step=start_step, patch_rows=cfg.patch_rows)
         val = StudyLoader(self.val_index, global_batch=cfg.batch_size, train=False, seed=cfg.seed, world=self.world,
                           rank=self.rank, device_id=device_id, workers=cfg.num_workers)
         return train, val
@@ -162,9 +165,9 @@ class DetectTask:
         return training_loss(output, batch.x[:, 1:].to(output.device), valid, n_valid, self.world)
 
     def _counts(self, forward, loader) -> dict:
-        """Per study: loss and (found, lesions, false) at every FROC threshold, gathered in study order.
-        The counts need the lesion label maps (not the binary target): the loader's study cache holds them."""
-        from wbs_dist.detection import THRESHOLDS, components, match
+        """Per study: loss and detection.COUNTS at every FROC threshold, gathered in study order. The
+        counts need the lesion label maps (not the binary target): the loader's study cache holds them."""
+        from wbs_dist.detection import COUNTS, THRESHOLDS, components, counts as match_counts, match
         from wbs_dist.train.detector import detector_loss
 
         idx, losses, counts = [], [], []
@@ -178,11 +181,11 @@ class DetectTask:
                 i = int(batch.index[k])
                 truth = np.asarray(label_maps[i])
                 ms = [match(components(prob[k], t), truth) for t in THRESHOLDS]
-                counts.append([[m.found, m.lesions, m.false] for m in ms])
+                counts.append([match_counts(m) for m in ms])
                 idx.append(i)
                 losses.append(float(per[k]))
         idx, losses, counts = ddp.gather_arrays([np.array(idx, np.int64), np.array(losses, np.float64),
-                                                 np.array(counts, np.int64).reshape(-1, len(THRESHOLDS), 3)])
+                                                 np.array(counts, np.int64).reshape(-1, len(THRESHOLDS), len(COUNTS))])
         order = np.argsort(idx, kind="stable")
         return {"index": idx[order], "losses": losses[order], "counts": counts[order]}
 
