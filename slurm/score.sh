@@ -2,8 +2,11 @@
 # Score an archive with a run's fold ensemble: an array of shards, then one merge job.
 #
 #   jid=$(sbatch --parsable --array=0-15 slurm/score.sh ARCHIVE RUN_DIR OUT/pred.csv [--overlays DIR ...])
-#   sbatch --dependency=afterany:$jid slurm/score.sh ARCHIVE RUN_DIR OUT/pred.csv [same options]
+#   sbatch --dependency=afterany:$jid -o slurm-score-%j.out slurm/score.sh ARCHIVE RUN_DIR OUT/pred.csv [same options]
 #
+# Logs: slurm-score-<array>_<I>.out per shard; give the merge job its own -o (the default's %a would
+# name it <job>_4294967294, SLURM's "no array index"). With --detector DETECTOR_RUN every study without
+# delineations gets the learned detector's lesions (README, Learned lesion detection).
 # Each array task scores the studies whose uid hashes to its index (`--shard I/N`, N = the array's
 # size) into OUT/pred.csv.parts/. The second job, not an array, is the same command without --shard:
 # it writes pred.csv, pred.summary.csv and pred.errors.csv from the parts, and first scores any study

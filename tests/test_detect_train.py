@@ -48,6 +48,9 @@ def test_a_detect_fold_writes_its_froc_and_a_threshold_chosen_on_the_training_fo
     val, train = study_index(store, [1], (96, 48)), study_index(store, [0, 2], (96, 48))
     assert det["studies"] == len(val) and det["froc"][0]["studies"] == len(val)
     assert det["train_froc"][0]["studies"] == len(train)
+    # Two 48-row patches of each 96-row training study an epoch: the schedule counts the loader's steps.
+    steps = -(-2 * len(train) // 4)
+    assert f", {steps} steps an epoch" in (run / "fold1" / "train.log").read_text()
     lesions = store.lesion_table()
     assert det["froc"][0]["lesions"] + det["train_froc"][0]["lesions"] <= len(lesions["study"])
     assert [p["threshold"] for p in det["froc"]] == list(THRESHOLDS)

@@ -217,12 +217,41 @@ def test_rerun_of_a_sweep_with_other_settings_is_refused(sweep, loader_store):
     ("reduction_factor=1", "'reduction_factor'"),
     ("batch_sizes=8", "'batch_sizes'"),
     ("grace_period=99", "'grace_period'"),
-    ("train.task=detect", "tuning a detector is not supported yet"),
+    ("train.task=detect train.model=unet nested=true", "a detector's sweep (train.task=detect) is a plain one"),
 ])
 def test_bad_keys_exit_2_naming_the_key(tmp_path, override, needle):
-    res = run_cli("tune", CONFIG, f"storage_path={tmp_path}", override)
+    res = run_cli("tune", CONFIG, f"storage_path={tmp_path}", *override.split())
     assert res.returncode == 2, res.stderr
     assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_a_detector_sweep_ranks_trials_by_their_folds_sensitivity_at_3_false_positives(loader_store, tmp_path,
+                                                                                       sessions):
+    """train.task=detect: the same sweep, its objective the folds' validation lesion sensitivity at 3
+    false positives a study (the detector's epoch metric), in results.csv and best.yaml."""
+    from wbs_dist.config import load_config
+
+    args = sweep_args(loader_store, tmp_path, "detect", num_samples=2, max_epochs=2, **{
+        "train.task": "detect", "train.model": "unet_small", "train.train_size": "96x48", "train.patch_rows": 48,
+        "train.weights": "none"})
+    out = finish(start(args, tmp_path / "detect.log", sessions), tmp_path / "detect.log")
+    exp = tmp_path / "detect"
+    rows = read_rows(exp)
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    for r in rows:
+        per_fold = []
+        for k in range(3):
+            with open(exp / r["trial"] / "run" / f"fold{k}" / "metrics.csv") as fh:
+                per_fold.append(float(list(csv.DictReader(fh))[-1]["val_sensitivity_at_3fp"]))
+        assert [float(r[f"fold{k}_val_sensitivity_at_3fp"]) for k in range(3)] == per_fold
+        assert float(r["mean_val_sensitivity_at_3fp"]) == pytest.approx(sum(per_fold) / 3)
+        assert (exp / r["trial"] / "run" / "fold0" / "detection.json").exists()
+    best = max(rows, key=lambda r: float(r["mean_val_sensitivity_at_3fp"]))
+    cfg = load_config(exp / "best.yaml")
+    assert (cfg.task, cfg.model, cfg.patch_rows) == ("detect", "unet_small", 48)
+    assert cfg.lr == pytest.approx(float(best["lr"])) and "lesion sensitivity at 3 false positives" in cfg.selected_on
+    assert "| mean_val_sensitivity_at_3fp |" in out and "lesion sensitivity at 3 false positives" in out
 
 
 def job_processes(jobid: str) -> list[int]:

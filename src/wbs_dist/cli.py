@@ -121,19 +121,19 @@ def _cmd_cv(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from wbs_dist.launch.tune import METRIC, load_tune, tune
-    from wbs_dist.launch.tune_results import results_markdown
+    from wbs_dist.launch.tune import load_tune, tune
+    from wbs_dist.launch.tune_results import OBJECTIVES, metric, results_markdown
 
     spec, base = load_tune(args.config, args.overrides)
     if spec.nested:
         return _nested(spec, base)
     r = tune(spec, base)
-    print(results_markdown(r.rows, base.folds))
+    print(results_markdown(r.rows, base.folds, base.task))
     print(f"results: {r.experiment / 'results.csv'}, {r.experiment / 'results.md'}")
     if r.best is None:
         raise WbsError(f"no trial ran its {spec.max_epochs} epochs: no best config")
     print(f"best: {r.experiment / 'best.yaml'} (lr {r.best['lr']:.3g}, batch {r.best['batch_size']}, "
-          f"mean val AUC {r.best[METRIC]:.4f}); train it with `wbs-dist cv {r.experiment / 'best.yaml'}`. Its report "
+          f"{OBJECTIVES[base.task][1]} {r.best[metric(base.task)]:.4f}); train it with `wbs-dist cv {r.experiment / 'best.yaml'}`. Its report "
           "will say that lr and batch were chosen on the folds it grades (optimistic); nested=true grades them on "
           "folds the choice never saw")
     return EXIT_SKIPPED if r.errored else EXIT_OK

@@ -15,10 +15,14 @@ a delineated one. Overlays draw the native-size maps.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 from wbs_dist.detection import components
+from wbs_dist.errors import UsageError
 from wbs_dist.preprocess import training_level
 from wbs_dist.schema import VIEWS
 
@@ -46,3 +50,26 @@ def propose(detector, scans: list, fold: int) -> tuple[list[tuple[int, str, str,
             next_id += n
         scan.labels = training_level({}, by_slot, *scan.image.shape)[1]
     return lesions, native
+
+
+def load_detector(path: Path, fold: int | None, split: str, explicit: bool):
+    """The detector folds that propose learned candidates (score --detector): on the classifier's
+    `split`, and reaching their target sensitivity on their own training folds unless `explicit`
+    (--candidates learned) asks for them anyway."""
+    from wbs_dist.infer.ensemble import Ensemble         # torch: the main process only
+
+    det = Ensemble(path, fold, task="detect")
+    below = det.below_target()
+    if below:
+        said = "; ".join(f"fold {k} {'no lesions' if s is None else f'{s:.1%}'} (target {t:.0%})"
+                         for k, (s, t) in sorted(below.items()))
+        message = (f"--detector {path} does not reach its target lesion sensitivity on its own training folds at "
+                   f"its threshold ({said}): it misses lesions the classical finder would propose")
+        if not explicit:
+            raise UsageError(f"{message}. Pass --candidates learned to score with it anyway, or --candidates "
+                             "classical for the finder")
+        print(f"WARNING: {message}; scoring with it as --candidates learned asks", file=sys.stderr)
+    if det.split and split and det.split != split:
+        raise UsageError(f"--detector {path} was trained on split {det.split}, the classifier --run on {split}: "
+                         "the out-of-fold rule needs one split (train both on the same store's folds)")
+    return det

@@ -254,7 +254,7 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                 ensemble = Ensemble(run, fold)
                 ensemble.detector = None
                 if candidates_from == "learned":
-                    ensemble.detector = _detector(detector, fold, ensemble, explicit)
+                    ensemble.detector = learned.load_detector(detector, fold, ensemble.split, explicit)
                 fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
                                "annotations": str(Path(annotations).resolve()) if annotations else None,
                                "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS,
@@ -287,28 +287,6 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
             merged = merge([records[u] for u in studies if u in records], out)
     return ScoreResult(out, shard, scored, already, lesions, seconds, errors, err_path, merged,
                        sum(f != ENSEMBLE for f in folds.values()), known.unrecognised)
-
-
-def _detector(path: Path, fold: int | None, ensemble, explicit: bool):
-    """The detector folds that propose learned candidates: of the classifier's split, and reaching
-    their target sensitivity on their training folds unless `--candidates learned` asks for them anyway."""
-    from wbs_dist.infer.ensemble import Ensemble
-
-    det = Ensemble(path, fold, task="detect")
-    below = det.below_target()
-    if below:
-        said = "; ".join(f"fold {k} {'no lesions' if s is None else f'{s:.1%}'} (target {t:.0%})"
-                         for k, (s, t) in sorted(below.items()))
-        message = (f"--detector {path} does not reach its target lesion sensitivity on its own training folds at "
-                   f"its threshold ({said}): it misses lesions the classical finder would propose")
-        if not explicit:
-            raise UsageError(f"{message}. Pass --candidates learned to score with it anyway, or --candidates "
-                             "classical for the finder")
-        print(f"WARNING: {message}; scoring with it as --candidates learned asks", file=sys.stderr)
-    if det.split and ensemble.split and det.split != ensemble.split:
-        raise UsageError(f"--detector {path} was trained on split {det.split}, the classifier --run on {ensemble.split}: "
-                         "the out-of-fold rule needs one split (train both on the same store's folds)")
-    return det
 
 
 def _not_out_of_fold(studies: dict, folds: dict[str, int], have: list[int], run: Path) -> list[tuple[str, str]]:

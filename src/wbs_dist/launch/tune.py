@@ -35,7 +35,8 @@ from wbs_dist.atomic import write_text
 from wbs_dist.config import (Config, at_least, check, coerce, control_chars, key, load_config, no_control_chars,
                              parse_override, read_mapping, result_keys)
 from wbs_dist.errors import ConfigError, UsageError, WbsError
-from wbs_dist.launch.tune_results import METRIC, results_markdown, write_results  # noqa: F401 (the API)
+from wbs_dist.launch.tune_results import (METRIC, OBJECTIVES, fold_column, metric,  # noqa: F401 (the API)
+                                         results_markdown, write_results)
 
 log = logging.getLogger("wbs_dist.tune")
 
@@ -133,9 +134,9 @@ def load_tune(path: Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
             _set(spec, k, value, "command-line override")
     check(spec, "tune key")     # before the paths are used: a NUL in one fails the OS calls with a traceback
     base = load_config(Path(spec.base), train_overrides)
-    if base.task != "classify":
-        raise ConfigError(f"train.task={base.task}: the sweep's objective is the classifier's mean validation AUC; "
-                          "tuning a detector is not supported yet (train it with `wbs-dist cv`)")
+    if base.task == "detect" and spec.nested:
+        raise ConfigError("nested=true grades each outer fold with the classifier's report; a detector's sweep "
+                          "(train.task=detect) is a plain one: leave nested out")
     base.store = str(Path(base.store).resolve())
     spec.base = str(Path(spec.base).resolve())
     spec.storage_path = str(Path(spec.storage_path).resolve())
@@ -192,6 +193,7 @@ def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
             t.open(preemption=False)
         # After open(), which sizes torch's threads for a SLURM task: a trial has only its own CPUs.
         torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
+        key = OBJECTIVES[cfg.task][0]          # the task's validation metric: its metrics.csv column
         for epoch in range(reported, cfg.epochs):
             aucs = []
             for t in trainers:
@@ -200,14 +202,14 @@ def _trial(params: dict, spec: TuneSpec, base: Config) -> None:
                 while t.epoch <= epoch:
                     _seed_fold_epoch(cfg.seed, t.fold, t.epoch)
                     t.train_epoch()
-                aucs.append(t.history[epoch]["val_auc"])
+                aucs.append(t.history[epoch][key])
             if None in aucs:
-                raise UsageError(f"fold {trainers[aucs.index(None)].fold}: validation lesions of one class only, "
-                                 f"AUC undefined; "
-                                 f"use fewer folds (train.folds) or more annotated patients")
+                raise UsageError(f"fold {trainers[aucs.index(None)].fold}: {key} undefined (validation lesions of one "
+                                 "class only, or none); use fewer folds (train.folds) or more annotated patients")
             # The node id: trials of a sweep over several nodes (slurm/tune.sh -N2) say where they ran.
-            metrics = {"epochs": epoch + 1, METRIC: sum(aucs) / len(aucs), "node": ray.get_runtime_context().get_node_id(),
-                       **{f"fold{t.fold}_val_auc": a for t, a in zip(trainers, aucs)}}
+            metrics = {"epochs": epoch + 1, metric(cfg.task): sum(aucs) / len(aucs),
+                       "node": ray.get_runtime_context().get_node_id(),
+                       **{fold_column(t.fold, cfg.task): a for t, a in zip(trainers, aucs)}}
             if epoch + 1 == cfg.epochs:
                 # Before the last report: Tune ends the trial there (ASHA's max_t) without returning.
                 for t in trainers:
@@ -305,7 +307,7 @@ def run_sweep(spec: TuneSpec, base: Config, param_space: dict | None = None, ear
                 trainable,
                 param_space=param_space or search_space(spec),
                 tune_config=tune.TuneConfig(
-                    metric=METRIC, mode="max", scheduler=scheduler, num_samples=spec.num_samples,
+                    metric=metric(base.task), mode="max", scheduler=scheduler, num_samples=spec.num_samples,
                     search_alg=BasicVariantGenerator(random_state=spec.seed),
                     # The trial directory is named by the trial id, which the trial knows: its run
                     # directory is found again after a restore.
@@ -333,14 +335,14 @@ def _rows(grid, spec: TuneSpec, base: Config) -> list[dict]:
         epochs = int(metrics.get("epochs", 0))
         status = "error" if res.error else "completed" if epochs >= spec.max_epochs else "stopped"
         row = {"trial": Path(res.path).name, "status": status, "lr": trial_lr(spec, base, res.config),
-               "batch_size": int(res.config["batch_size"]), "epochs": epochs, METRIC: metrics.get(METRIC),
-               "node": metrics.get("node")}
-        row.update({f"fold{k}_val_auc": metrics.get(f"fold{k}_val_auc") for k in range(base.folds)})
+               "batch_size": int(res.config["batch_size"]), "epochs": epochs,
+               metric(base.task): metrics.get(metric(base.task)), "node": metrics.get("node")}
+        row.update({fold_column(k, base.task): metrics.get(fold_column(k, base.task)) for k in range(base.folds)})
         if res.error:
             row["error"] = str(res.error).strip().splitlines()[-1]
         rows.append(row)
-    rows.sort(key=lambda r: (r["status"] != "completed", -r["epochs"],
-                             -(r[METRIC] if r[METRIC] is not None else -math.inf)))
+    m = metric(base.task)
+    rows.sort(key=lambda r: (r["status"] != "completed", -r["epochs"], -(r[m] if r[m] is not None else -math.inf)))
     return rows
 
 

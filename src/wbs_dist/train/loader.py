@@ -167,6 +167,12 @@ class _Source:
 PATCH_FOREGROUND = 1 / 3
 
 
+def patches_per_study(height: int, patch_rows: int) -> int:
+    """Training patches of each study an epoch: its area once, ceil(H / rows) (nnU-Net instead counts
+    250 steps an epoch; ours keeps an epoch's validation cost in proportion). 1: whole studies."""
+    return -(-height // patch_rows) if 0 < patch_rows < height else 1
+
+
 def patch_start(labels: np.ndarray, rows: int, seed: int, epoch: int, position: int) -> int:
     """First row of a training patch of `rows` rows (the whole width: both views, so the flip of each
     view commutes with it) of a study with label map `labels`: with probability PATCH_FOREGROUND a
@@ -361,9 +367,7 @@ class StudyLoader(LesionLoader):
                  world: int = 1, rank: int = 0, device_id: int | None = None, workers: int = 2,
                  start_epoch: int = 0, start_step: int = 0, cache: StudyCache | None = None, patch_rows: int = 0):
         rows = patch_rows if train and 0 < patch_rows < index.height else 0
-        # An epoch covers every study's area once: ceil(H / rows) patches a study (nnU-Net instead
-        # counts 250 steps an epoch; ours keeps an epoch's validation cost in proportion).
-        repeats = -(-index.height // rows) if rows else 1
+        repeats = patches_per_study(index.height, rows)
         self._prepare(_StudySource, index, cache, global_batch, world, rank, seed, train, flip_p, start_epoch,
                       start_step, device_id, samples=len(index) * repeats)
         self.source.patch_rows = rows

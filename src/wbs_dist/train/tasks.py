@@ -2,7 +2,8 @@
 
 The trainer keeps what every task shares: the loop, checkpoints and exact resume, DDP, preemption,
 the run directory. A task gives it
-  samples     the training and validation sets of the fold (never the outer fold of a nested run)
+  samples     the training and validation sets of the fold (never the outer fold of a nested run), and
+              how many training samples an epoch holds (the schedule's steps an epoch)
   network     a module whose output the task's loss and validation read
   loss        per real sample of the global batch: padding never counts, and every real sample
               weighs the same whatever rank it landed on (sum over this rank's samples x world /
@@ -53,6 +54,11 @@ def _per_sample_mean(per: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tens
 class ClassifyTask:
     metric = "val_auc"
     unit = "lesions"
+
+    @property
+    def samples(self) -> int:
+        """Training samples an epoch."""
+        return len(self.train_index)
 
     def __init__(self, cfg: Config, store: Store, fold: int, device: torch.device, world: int, rank: int):
         self.cfg, self.fold, self.device, self.world, self.rank = cfg, fold, device, world, rank
@@ -131,6 +137,13 @@ class DetectTask:
 
     metric = "val_sensitivity_at_3fp"
     unit = "studies"
+
+    @property
+    def samples(self) -> int:
+        """Training samples an epoch: patches_per_study of every training study (StudyLoader's rule)."""
+        from wbs_dist.train.loader import patches_per_study
+
+        return len(self.train_index) * patches_per_study(self.cfg.train_size[0], self.cfg.patch_rows)
 
     def __init__(self, cfg: Config, store: Store, fold: int, device: torch.device, world: int, rank: int):
         from wbs_dist.train.detector import check_input_size, study_index

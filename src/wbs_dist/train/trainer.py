@@ -114,7 +114,7 @@ class FoldTrainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = math.ceil(len(self.train_index) / cfg.batch_size)
+        steps = math.ceil(self.task.samples / cfg.batch_size)
         self.steps_per_epoch = max(1, steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: _lr_factor(cfg, step / self.steps_per_epoch))
