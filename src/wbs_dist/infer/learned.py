@@ -2,7 +2,7 @@
 
 For each network image of the study (score.Scan), the detector folds' mean lesion probability map
 (the known patient's own fold alone, by the out-of-fold rule) over the study at the detector's own
-level (`Scan.detect`, train/detector.detection_level: the detector run's train_size, made from the
+level (`Scan.detect`, preprocess.detection_level: the detector run's train_size, made from the
 native views), cut at the threshold the folds chose on their training folds (the median of the
 folds'; a single fold's own), and its connected components (detection.py, 8-connected) within each
 view's half: a component never spans two views. Each component becomes a lesion of the study,
