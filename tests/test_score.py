@@ -543,3 +543,17 @@ def test_a_detector_below_its_target_is_used_only_when_asked_for(synth_archive, 
     r = subprocess.run(WBS + args[:-1] + [str(reached), "--out", str(tmp_path / "c.csv")], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "target lesion sensitivity" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("content", [b'{"fold": 0, "epochs": 1, "val_au', b"[1, 2]", b'{"fold": 0, "epochs": "1"}',
+                                     b"\xff\xfe"])
+def test_an_unusable_done_json_exits_2_naming_it(synth_archive, run_dir, tmp_path, content):
+    """done.json marks a fold finished; cut short or hand-edited it stops score (and cv, train) with exit
+    2 naming it and what to do, not a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.lock"))
+    (run / "fold1" / "done.json").write_bytes(content)
+    r = subprocess.run(WBS + ["score", str(synth_archive), "--run", str(run), "--out", str(tmp_path / "p.csv"),
+                              "--workers", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{run / 'fold1' / 'done.json'}: unusable" in r.stderr and "delete it" in r.stderr, r.stderr

@@ -132,11 +132,23 @@ class FoldDir:
     def is_finished(self) -> bool:
         return self.done.exists()
 
+    def _read_done(self) -> dict:
+        """done.json, or an InputError (exit 2) naming it when it is unusable (cut short, hand-edited)."""
+        try:
+            info = json.loads(self.done.read_bytes())
+            if not (isinstance(info, dict) and isinstance(info.get("epochs"), int) and "val_auc" in info
+                    and "val_loss" in info and isinstance(info.get("split", ""), (str, type(None)))):
+                raise ValueError("expected an object with epochs, val_auc, val_loss and split")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{self.done}: unusable ({exc}). It marks fold {self.fold} finished: delete it and run "
+                             "that fold's training again (it resumes from last.pt and writes it again)") from None
+        return info
+
     def result(self) -> FoldResult | None:
         """The finished fold's result (from done.json), or None while it is not finished."""
         if not self.done.exists():
             return None
-        info = json.loads(self.done.read_text())
+        info = self._read_done()
         return FoldResult(self.fold, self.path, info["epochs"], info["val_auc"], info["val_loss"], self.predictions)
 
     def split(self) -> str:
@@ -144,7 +156,7 @@ class FoldDir:
         before folds recorded it)."""
         if not self.done.exists():
             return ""
-        return json.loads(self.done.read_text()).get("split") or ""
+        return self._read_done().get("split") or ""
 
     def read_config(self) -> Config:
         return config_from_dict(read_mapping(self.config), f"in {self.config}")
