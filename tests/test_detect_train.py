@@ -90,6 +90,7 @@ def test_a_detect_fold_resumes_exactly(detect_fold, loader_store, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow             # several CLI processes: out of the fast subset
 def test_a_detector_model_needs_task_detect_and_back(loader_store, tmp_path):
     r = run_cli("train", ROOT / "configs" / "local.yaml", "--fold", "0", f"store={loader_store}",
                 f"run_dir={tmp_path}", "train_size=64x32", "folds=3", "model=unet_small")
@@ -99,6 +100,7 @@ def test_a_detector_model_needs_task_detect_and_back(loader_store, tmp_path):
     assert r.returncode == 2 and "set task=classify" in r.stderr, r.stderr
 
 
+@pytest.mark.slow             # several CLI processes: out of the fast subset
 def test_detector_sizes_and_patches_are_checked_before_training(loader_store, tmp_path):
     base = ["train", ROOT / "configs" / "local.yaml", "--fold", "0", f"store={loader_store}", f"run_dir={tmp_path}",
             "folds=3", "task=detect", "model=unet_small"]

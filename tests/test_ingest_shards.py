@@ -93,6 +93,7 @@ def test_a_killed_shard_reruns_and_the_store_still_equals_a_one_process_ingest(s
     assert store_snapshot(store) == store_snapshot(reference)
 
 
+@pytest.mark.slow             # several CLI processes: out of the fast subset
 def test_the_lock_admits_shards_together_and_keeps_the_finalize_apart(synth_archive, tmp_path):
     store = tmp_path / "store.zarr"
     lock = store.with_name("store.zarr.lock")

@@ -96,6 +96,7 @@ def test_nested_tune_grades_each_outer_fold_with_a_choice_made_without_it(loader
     assert "outer fold 2: lr" in r.stdout and "nested" in r.stdout
 
 
+@pytest.mark.slow             # several CLI processes: out of the fast subset
 def test_a_config_chosen_on_these_folds_says_so_in_its_report(loader_store, tmp_path):
     """The plain path (tune, then `cv best.yaml`) stays, and its metrics.json and report say that its
     figures were graded on the folds that chose lr and batch size."""

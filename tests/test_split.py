@@ -73,6 +73,7 @@ def test_cv_refuses_a_config_pinned_to_another_split(loader_store, tmp_path):
     assert not (tmp_path / "runs" / "fold0").exists()
 
 
+@pytest.mark.slow             # several CLI processes: out of the fast subset
 def test_score_refuses_a_run_whose_folds_disagree_about_their_split(tmp_path):
     run_dir = tmp_path / "runs"
     finished_fold(run_dir, 0, OLD)
@@ -93,6 +94,7 @@ def test_split_key_is_set_by_training_and_checked():
     assert json.loads(json.dumps(Config(split=OLD).to_dict()))["split"] == OLD
 
 
+@pytest.mark.slow             # several CLI processes: out of the fast subset
 def test_train_refuses_a_config_pinned_to_another_split(loader_store, tmp_path):
     # What each tune trial's folds get: the sweep's pinned config, against a store re-split meanwhile.
     res = run_cli("train", CONFIG, "--fold", 0, f"store={loader_store}", f"run_dir={tmp_path / 'runs'}", "folds=3",
