@@ -247,6 +247,13 @@ class Store:
         native = g["native"][...]
         return dict(zip(g.attrs["views"], native))
 
+    def native_study(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """A study's native views and lesion label maps by view (no maps: not annotated), one group open."""
+        g = self.study(key)
+        views = list(g.attrs["views"])
+        labels = dict(zip(views, g["labels"][...])) if "labels" in g else {}
+        return dict(zip(views, g["native"][...])), labels
+
     def write_study(self, data: "StudyData") -> bool:
         """Write a study atomically. False when it was already there (a concurrent or earlier run)."""
         final = self.path / "studies" / data.key

@@ -286,8 +286,7 @@ def finder_point(store, study_keys, height: int, width: int) -> dict:
 
     matches = []
     for key in study_keys:
-        g = store.study(key)
-        views = {v: a for v, a in store.native_views(key).items() if v in VIEWS}
-        labels = dict(zip(g.attrs["views"], g["labels"][...])) if "labels" in g else {}
+        views, labels = store.native_study(key)
+        views = {v: a for v, a in views.items() if v in VIEWS}
         matches.append(finder_match(views, labels, height, width))
     return point(None, matches)

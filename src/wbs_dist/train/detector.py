@@ -109,10 +109,7 @@ class StudyIndex:
 
     def study_arrays(self, store: Store, s: int) -> tuple[np.ndarray, np.ndarray]:
         """Study s at the detector's level, from the store's native views and label maps."""
-        key = self.study_keys[s]
-        views = store.native_views(key)
-        g = store.study(key)
-        labels = dict(zip(g.attrs["views"], g["labels"][...])) if "labels" in g else {}
+        views, labels = store.native_study(self.study_keys[s])
         return detection_level({v: a.astype(np.float32) for v, a in views.items()}, labels, self.height, self.width)
 
 

@@ -149,9 +149,9 @@ class DetectTask:
         from wbs_dist.train.detector import check_input_size, study_index
 
         self.cfg, self.fold, self.device, self.world, self.rank = cfg, fold, device, world, rank
+        check_input_size(cfg)                     # before the store is read: a bad size fails at once
         self.train_index = study_index(store, training_folds(cfg, fold), cfg.train_size)
         self.val_index = study_index(store, [fold], cfg.train_size)
-        check_input_size(cfg)
 
     def model(self) -> torch.nn.Module:
         from wbs_dist.train.detector import build_detector
