@@ -232,7 +232,9 @@ def test_a_detector_sweep_ranks_trials_by_their_folds_sensitivity_at_3_false_pos
     false positives a study (the detector's epoch metric), in results.csv and best.yaml."""
     from wbs_dist.config import load_config
 
-    args = sweep_args(loader_store, tmp_path, "detect", num_samples=2, max_epochs=2, **{
+    # grace_period = max_epochs: ASHA has no rung to stop a trial at, so both trials run to the end
+    # whichever reports first (CI once had one "stopped" after epoch 1: legal, but not this test's subject).
+    args = sweep_args(loader_store, tmp_path, "detect", num_samples=2, max_epochs=2, grace_period=2, **{
         "train.task": "detect", "train.model": "unet_small", "train.train_size": "96x48", "train.patch_rows": 48,
         "train.weights": "none"})
     out = finish(start(args, tmp_path / "detect.log", sessions), tmp_path / "detect.log")
