@@ -42,15 +42,29 @@ def build_store(base: Path, patients: int, seed: int, k: int) -> Path:
 
 
 def store_snapshot(path: Path) -> dict:
-    """Every array and every attribute of a store, for equality checks."""
+    """Every study (attributes, native views, label maps, training level), every other array and every
+    attribute of a store, for equality checks. Studies are compared one by one, not as the batches
+    that hold them: which studies share a batch depends on who wrote them (shards, workers, kills)."""
     import zarr
 
+    from wbs_dist.data.store import Store
+
     root = zarr.open_group(str(path), mode="r")
+    st = Store.open(path)
     snap = {}
+    for key in st.study_keys():
+        views, labels = st.native_study(key)
+        image, label = st.training_level(key)
+        snap[f"study {key}"] = (json.dumps(st.study_attrs(key), sort_keys=True),
+                                {v: (a.dtype.str, a.shape, a.tobytes()) for v, a in views.items()},
+                                {v: (a.dtype.str, a.shape, a.tobytes()) for v, a in labels.items()},
+                                image.tobytes(), label.tobytes())
 
     def walk(g, prefix):
         snap[prefix + "@attrs"] = json.dumps(dict(g.attrs), sort_keys=True)
         for name, node in g.members():
+            if prefix == "" and name == "studies":
+                continue
             if isinstance(node, zarr.Group):
                 walk(node, f"{prefix}/{name}")
             else:
@@ -59,6 +73,16 @@ def store_snapshot(path: Path) -> dict:
 
     walk(root, "")
     return snap
+
+
+def stored_keys(path: Path) -> list[str]:
+    """The studies a store holds now (published batches), [] before it exists: for watching a run."""
+    from wbs_dist.data.store import Store, StoreError
+
+    try:
+        return Store.open(path).study_keys()
+    except StoreError:
+        return []
 
 
 def kill_point_rng(name: str) -> random.Random:

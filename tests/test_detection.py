@@ -145,10 +145,9 @@ def test_study_samples_are_the_normalised_image_and_its_lesions_flipped_together
     store = Store.open(loader_store)
     ix = study_index(store, [0], (128, 64))          # the detector's level, not the store's 64 x 32
     plain, flipped = StudyDataset(ix)[0], StudyDataset(ix, flip_p=1.0)[0]
-    g = store.study(ix.study_keys[0])
     assert plain["x"].shape == (1, 128, 64) and plain["y"].dtype == torch.int64
-    views = {v: a.astype(np.float32) for v, a in store.native_views(ix.study_keys[0]).items()}
-    image, labels = training_level(views, dict(zip(g.attrs["views"], g["labels"][...])), 128, 64)
+    native, maps = store.native_study(ix.study_keys[0])
+    image, labels = training_level({v: a.astype(np.float32) for v, a in native.items()}, maps, 128, 64)
     np.testing.assert_array_equal(plain["x"][0].numpy(), image / np.float32(count_scale(image)))
     # The target: the delineated lesions and, on the other view, their mirror image.
     target = (labels > 0) | ((labels[:, ::-1] > 0) & (labels == 0))

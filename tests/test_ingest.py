@@ -1,6 +1,7 @@
 """`wbs-dist ingest` as a user sees it: exit status, the store's contents, the errors file."""
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from wbs_dist.data.deid import keyed_hash, load_or_create_secret
 from wbs_dist.data.dicom import VIEW_CODES
 from wbs_dist.data.store import Store
 
-from helpers import WBS, kill_point_rng, run_cli, store_snapshot
+from helpers import WBS, kill_point_rng, run_cli, store_snapshot, stored_keys
 
 NM1_COUNTS = 3_596_452  # (0018,0070) Counts Accumulated of NEMA WG04 "NM1"
 
@@ -57,13 +58,13 @@ def test_real_nm1_scan_ingests_with_its_counts(tmp_path):
     assert res.returncode == 0, res.stderr
     st = Store.open(tmp_path / "s.zarr")
     (key,) = st.study_keys()
-    g = st.study(key)
+    attrs = st.study_attrs(key)
     # NM1 carries no View Code Sequence nor ANT/POST text: stored as unknown, never guessed.
-    assert g.attrs["views"] == ["unknown"]
+    assert attrs["views"] == ["unknown"]
     native = st.native_views(key)["unknown"]
     assert native.dtype == np.int16 and native.shape == (1024, 256)
     assert int(native.sum()) == NM1_COUNTS
-    assert g.attrs["annotated"] is False
+    assert attrs["annotated"] is False
     # Plain zarr opens it (DESIGN 3.4).
     assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["format"] == "wbs_dist.store"
 
@@ -74,6 +75,20 @@ def ingested(synth_archive, tmp_path_factory):
     res = run_cli("ingest", synth_archive, "--store", store, "--workers", 2)
     assert res.returncode == 0, res.stderr
     return store, res
+
+
+def test_a_store_is_a_few_files_for_many_studies(synth_archive, tmp_path):
+    """A parallel filesystem's metadata load: studies share batches (up to 64, one a worker's task, one
+    a native dtype), 9 files each; a group a study was 11 files in 5 folders."""
+    store = tmp_path / "s.zarr"
+    assert run_cli("ingest", synth_archive, "--store", store, "--workers", 1).returncode == 0
+    files = sum(len(f) for _, _, f in os.walk(store / "studies"))
+    assert files / len(Store.open(store).study_keys()) <= 3
+
+
+def test_a_batch_of_no_studies_is_refused(synth_archive, tmp_path):
+    res = run_cli("ingest", synth_archive, "--store", tmp_path / "s.zarr", "--batch-studies", "0")
+    assert res.returncode == 2 and "--batch-studies" in res.stderr and not (tmp_path / "s.zarr").exists()
 
 
 def test_synthetic_archive_round_trips_exactly(synth_archive, ingested):
@@ -196,18 +211,19 @@ def test_no_identifier_reaches_store_or_log(synth_archive, ingested):
 def test_kill_then_rerun_equals_uninterrupted(synth_archive, ingested, tmp_path):
     store, _ = ingested
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(WBS + ["ingest", str(synth_archive), "--store", str(killed), "--workers", "2"],
+    # Batches of 2 studies: a kill loses at most the batch being filled, so some are published before it.
+    proc = subprocess.Popen(WBS + ["ingest", str(synth_archive), "--store", str(killed), "--workers", "2",
+                                   "--batch-studies", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     at = kill_point_rng("ingest").randint(3, 6)       # studies written before the kill
     while time.time() < deadline:
-        done = [p for p in (killed / "studies").glob("*") if (p / "zarr.json").exists()] if (killed / "studies").exists() else []
-        if len(done) >= at:
+        if len(stored_keys(killed)) >= at:
             break
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_done = len([p for p in (killed / "studies").iterdir() if (p / "zarr.json").exists()])
+    n_done = len(stored_keys(killed))
     assert 3 <= n_done < 12, "the kill should land mid-run"
     res = run_cli("ingest", synth_archive, "--store", killed)
     assert res.returncode == 0, res.stderr
@@ -290,7 +306,7 @@ def test_deidentification_holds_for_hostile_headers(archive_copy, tmp_path):
     blobs = [res.stdout.encode(), res.stderr.encode()] + [p.read_bytes() for p in store.rglob("*") if p.is_file()]
     for secret in ("Kellerman", "Ostby", "Ostbyhaugen77", hostile):
         assert not any(secret.encode() in blob for blob in blobs), f"{secret!r} leaked"
-    sources = [s for key in Store.open(store).study_keys() for s in Store.open(store).study(key).attrs["sources"]]
+    sources = [s for key in Store.open(store).study_keys() for s in Store.open(store).study_attrs(key)["sources"]]
     assert {(s.get("Manufacturer"), s.get("ManufacturerModelName")) for s in sources} >= \
         {(None, "Discovery NM/CT 670"), ("GE", "Discovery NM/CT 670"), ("Philips", "Precedence")}
     # Accepted on request, knowingly: the store is then not de-identified.
@@ -298,15 +314,18 @@ def test_deidentification_holds_for_hostile_headers(archive_copy, tmp_path):
     assert "(1 new, 11 already there)" in again.stdout, again.stdout + again.stderr
 
 
-def test_a_study_missing_one_chunk_file_is_written_again(synth_archive, ingested, tmp_path):
-    """A crash on a filesystem that does not order renames can lose one chunk file of a published study;
-    zarr would then read that view as zeros. The completeness check names every chunk file."""
+def test_a_batch_missing_one_shard_file_is_written_again(synth_archive, ingested, tmp_path):
+    """A crash on a filesystem that does not order renames can lose one file of a published batch; zarr
+    would then read its views as zeros. The completeness check names every file, and the next ingest
+    writes that batch's studies again."""
     store, _ = ingested
     copy = tmp_path / "store.zarr"
     shutil.copytree(store, copy)
-    study = sorted(p for p in (copy / "studies").iterdir() if p.is_dir())[0]
-    chunk = sorted(p for p in (study / "native").rglob("c*") if p.is_file())[-1]    # the second view's
-    chunk.unlink()
+    batch = sorted(p for p in (copy / "studies").iterdir() if p.is_dir())[0]
+    n = len(json.loads((batch / "zarr.json").read_text())["attributes"]["studies"])
+    (batch / "native" / "c.0.0.0").unlink()
+    assert len(stored_keys(copy)) == 12 - n
     res = run_cli("ingest", synth_archive, "--store", copy)
-    assert res.returncode == 0 and "(1 new, 11 already there)" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and f"({n} new, {12 - n} already there)" in res.stdout, res.stdout + res.stderr
     assert store_snapshot(copy) == store_snapshot(store)
+    assert not batch.exists()                  # the torn batch is gone, not left beside its replacement

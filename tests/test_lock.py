@@ -10,6 +10,7 @@ import time
 import pytest
 
 from helpers import WBS, run_cli
+from wbs_dist.data.store import Store
 from wbs_dist.lock import Lock, Locked
 
 
@@ -106,14 +107,15 @@ def test_staggered_concurrent_ingests_leave_a_whole_store_or_a_clear_refusal(syn
 
 
 @pytest.mark.slow
-def test_a_torn_study_is_written_again(synth_archive, tmp_path):
+def test_a_torn_batch_is_written_again(synth_archive, tmp_path):
     store = tmp_path / "store.zarr"
-    assert run_cli("ingest", synth_archive, "--store", store).returncode == 0
-    study = sorted((store / "studies").iterdir())[0]
-    shutil.rmtree(study / "train_image")          # as a crash or an old concurrent writer left it
+    assert run_cli("ingest", synth_archive, "--store", store, "--batch-studies", "5").returncode == 0
+    batch = sorted((store / "studies").iterdir())[0]
+    n = len(json.loads((batch / "zarr.json").read_text())["attributes"]["studies"])
+    shutil.rmtree(batch / "train_image")          # as a crash or an old concurrent writer left it
     res = run_cli("ingest", synth_archive, "--store", store)
-    assert res.returncode == 0 and "(1 new, 11 already there)" in res.stdout, res.stdout + res.stderr
-    assert (study / "train_image" / "zarr.json").exists()
+    assert res.returncode == 0 and f"({n} new, {12 - n} already there)" in res.stdout, res.stdout + res.stderr
+    assert not batch.exists() and len(Store.open(store).study_keys()) == 12
 
 
 def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):

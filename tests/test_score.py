@@ -387,7 +387,7 @@ def test_known_patients_are_scored_by_their_validation_fold_reproducing_its_pred
     assert {"0", "1"} <= {row["fold"] for row in pred}
     assert "2" not in {row["fold"] for row in pred}
     st = Store.open(loader_store)
-    known = [key for key in st.study_keys() if key_to_int(st.study(key).attrs["patient"]) in fold_of]
+    known = [key for key in st.study_keys() if key_to_int(st.study_attrs(key)["patient"]) in fold_of]
     assert r.known == len(known) > 0
     # fold 2 is not finished: its patients are listed, every other model having trained on them.
     assert r.errors and all("validation fold 2" in reason for _, reason in r.errors)

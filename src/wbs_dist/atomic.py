@@ -4,7 +4,7 @@ One durability policy for the whole toolkit. A reader, or a rerun after a crash 
 moment, finds the old file or the complete new one, never a mix: the data reach the disk (fsync of the
 file) before the name points at them (rename), and the rename itself is made durable (fsync of the
 folder). Checkpoints, done.json, predictions, metrics, reports, score parts and overlays, the errors
-lists and the pseudonym secret all go through here; so do the store's study folders (`publish_dir`).
+lists and the pseudonym secret all go through here; so do the store's study batches (`publish_dir`).
 
 `mode` is the new file's permission bits. The default follows the umask as `open()` would; pass
 PRIVATE for outputs that identify patients (scores, part files, overlays) or hold a secret, and

@@ -58,7 +58,8 @@ def _cmd_ingest(args) -> int:
     r = ingest(args.archive, store=args.store, annotations=args.annotations, secret_file=args.secret_file,
                workers=args.workers, train_size=args.train_size, errors_path=args.errors,
                max_object_mb=args.max_object_mb, max_views=args.max_views,
-               accept_burned_in=args.accept_burned_in, shard=args.shard, wait_lock_s=args.wait_lock)
+               accept_burned_in=args.accept_burned_in, shard=args.shard, wait_lock_s=args.wait_lock,
+               batch_studies=args.batch_studies)
     if r.shard is not None:
         print(f"store {r.store}, shard {r.shard[0]}/{r.shard[1]}: {r.written} studies written, {r.already} already "
               "there; when every shard has ended, run the same command without --shard to finalize")

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
                    help="wait up to SECONDS for the store lock held by another ingest (or its shards) instead of "
                    "being refused at once (default 0)")
+    s.add_argument("--batch-studies", type=_positive(int), default=64, metavar="N",
+                   help="studies written together as one batch of 9 files (default 64): fewer files for a parallel "
+                   "filesystem; a killed run redoes at most the batch it was filling")
     _add_budgets(s)
 
     s = sub.add_parser("folds", help="patient-grouped stratified k-fold split, written into the store",

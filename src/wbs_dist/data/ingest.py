@@ -2,8 +2,10 @@
 
 The archive is read in two passes (data/studies.py): headers only, to group objects into studies,
 find duplicates and map annotation rows; then one study per task in worker processes, decoded,
-checked and written atomically (store.Store.write_study). Studies already in the store are skipped,
-so a rerun after a kill finishes the job. Every refused input is listed with its reason in the
+prepared for the store (training level) and written a batch at a time (data/batches.py: up to 64
+studies in a few files): a task is one batch's studies, so each worker compresses and writes its own and
+nothing but errors comes back. Studies already in the store are skipped, so a rerun after a kill
+finishes the job (a kill loses at most the batches being filled, one a worker). Every refused input is listed with its reason in the
 errors CSV (beside the store, not in it: it names archive paths); the rest is ingested.
 
 Sharded (`shard=(I, N)`, `--shard I/N`): N jobs ingest one archive into one store at the same time.
@@ -25,6 +27,7 @@ from pathlib import Path
 from wbs_dist.atomic import PRIVATE, write_csv
 from wbs_dist.data.deid import keyed_hash, load_or_create_secret, secret_check
 from wbs_dist.data.shards import parse_shard, shard_of
+from wbs_dist.data.batches import BATCH_STUDIES, prepare
 from wbs_dist.data.store import Store, store_lock
 from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Budgets, StudyJob, StudySource,
                                    group_studies, in_archive_order, patient_id_of)
@@ -47,29 +50,42 @@ class IngestResult:
     shard: tuple[int, int] | None = None        # (I, N) of a shard run; counts is then {} (no table yet)
 
 
-def _study_task(job: StudyJob) -> tuple[bool, int, list[tuple[str, str]]]:
-    """In a worker: decode, check and write one study; (written, lesions, errors)."""
+def _batch_task(jobs: list[StudyJob]) -> list[tuple[bool, list[tuple[str, str]]]]:
+    """In a worker: decode, check and prepare the studies of one batch and write it; (written, errors)
+    a study. Compression and writing happen here, beside the decoding, not in one process for all."""
     state = worker_state()
     if "store" not in state:
         state["store"] = Store.open(state["store_path"])
-    data, errors = assemble(job)
-    if data is None:
-        return False, 0, errors
-    return state["store"].write_study(data), len(data.attrs["lesions"]), errors
+    out = []
+    with state["store"].writer(len(jobs)) as writer:
+        for job in jobs:
+            data, errors = assemble(job)
+            out.append((data is not None and writer.add(prepare(data, state["train_size"])), errors))
+    return out
+
+
+def _groups(jobs: list, batch_studies: int, workers: int) -> list[list]:
+    """Batches of at most `batch_studies`, at least one a worker (a small archive keeps both cores)."""
+    size = max(1, min(batch_studies, -(-len(jobs) // max(1, workers))))
+    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
 
 
 def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_file: Path | None = None,
            workers: int = 2, train_size: tuple[int, int] = (512, 256),
            errors_path: Path | None = None, max_object_mb: float = DEFAULT_MAX_OBJECT_MB,
            max_views: int = DEFAULT_MAX_VIEWS, accept_burned_in: bool = False,
-           shard: tuple[int, int] | str | None = None, wait_lock_s: float = 0.0) -> IngestResult:
+           shard: tuple[int, int] | str | None = None, wait_lock_s: float = 0.0,
+           batch_studies: int = BATCH_STUDIES) -> IngestResult:
     """Ingest `archive` into `store` (created, or completed when it exists) and write the errors CSV.
     Objects declaring more than `max_object_mb` of pixel data and studies of more than `max_views`
     views are listed, not decoded (studies.Budgets). A study with an object marked Burned In
     Annotation YES is listed, not stored, unless `accept_burned_in` (the store is then not
     de-identified: its pixels may show a name or an ID). `shard` (I, N) or "I/N": write only that
     shard's studies, beside other shards (see the module's notes); `wait_lock_s`: wait that long for
-    the store lock instead of being refused at once."""
+    the store lock instead of being refused at once; `batch_studies`: studies a batch (fewer files, or
+    less work lost to a kill)."""
+    if batch_studies < 1:
+        raise UsageError(f"--batch-studies must be at least 1 (got {batch_studies})")
     budgets = Budgets(max_object_mb, max_views)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
     secret = load_or_create_secret(secret_file)
@@ -83,23 +99,26 @@ def ingest(archive: Path, store: Path, annotations: Path | None = None, secret_f
                       "exclusive" if shard is None else "shared").wait(wait_lock_s)
     try:
         with StudySource.open(archive, annotations, budgets) as source:
-            return _ingest(source, store, secret, workers, train_size, errors_path, accept_burned_in, shard, mine)
+            return _ingest(source, store, secret, workers, train_size, errors_path, accept_burned_in, shard, mine,
+                           batch_studies)
     finally:
         lock.release()
 
 
-def _ingest(source, store, secret, workers, train_size, errors_path, accept_burned_in, shard, mine) -> IngestResult:
+def _ingest(source, store, secret, workers, train_size, errors_path, accept_burned_in, shard, mine,
+            batch_studies) -> IngestResult:
     st = Store.create_or_open(store, train_size)
     st.claim_secret(secret_check(secret))       # every shard alike: one secret per store
     if shard is None:
         st.clear_staging()                     # leftovers of an interrupted run are never trusted
+        st.clear_torn_batches()
     else:
         st.clear_dead_staging()                # other shards' work in progress is theirs
     # Errors found before studies exist (members, headers, annotation rows) go to the shard their
     # member's name hashes to, so that the shards' errors files together list each once.
     errors = [e for e in source.errors if mine(e[0])]
     # One decoding process gains nothing over this one: workers <= 1 decode in-process.
-    with StudyPool(source, workers if workers > 1 else 0, {"store_path": st.path}) as pool:
+    with StudyPool(source, workers if workers > 1 else 0, {"store_path": st.path, "train_size": st.train_size}) as pool:
         header_errors: list[tuple[str, str]] = []
         studies = group_studies(pool.headers(source.members), header_errors)
         errors += [e for e in header_errors + source.unmatched_rows(studies) if mine(e[0])]
@@ -131,9 +150,10 @@ def _ingest(source, store, secret, workers, train_size, errors_path, accept_burn
         if shard is not None and jobs:
             st.retire_lesion_table()
         written = 0
-        for was_written, _, study_errors in pool.map(_study_task, jobs, "ingesting"):
-            errors.extend(study_errors)
-            written += was_written
+        for batch in pool.map_groups(_batch_task, _groups(jobs, batch_studies, workers), "ingesting"):
+            for was_written, study_errors in batch:
+                errors.extend(study_errors)
+                written += was_written
     if shard is None:
         counts = st.rebuild_lesion_table()
         st.clear_staging()

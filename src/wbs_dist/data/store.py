@@ -1,56 +1,42 @@
-"""The Zarr v3 store: atomic per-study writes, the store-wide lesion table, reads.
+"""The Zarr v3 store: studies in atomically published batches, the store-wide lesion table, reads.
 
 Layout (documented in the README; `zarr.open_group(path)` opens it):
 
     <store>/                      root group, attrs: format, version, train_size, counts
-      studies/<study_key>/        one group per study; key = keyed hash of the Study Instance UID;
-                                  attrs: patient pseudonym, views, lesions, tumour type, sources
-        native                    (V, rows, cols) the views as acquired, in attrs.views order:
-                                  source dtype, native byte order, lossless; one chunk per view
-        labels                    (V, rows, cols) uint16 lesion label maps (annotated studies only)
-        train_image               float32 (H, W): anterior | posterior side by side, area-resampled
-                                  mean counts (zeros where a view is absent)
-        train_labels              uint16 (H, W): the lesion label map at that resolution
+      studies/<batch>/            up to 64 studies a group, 4 arrays of one file each (data/batches.py):
+                                  native views (source dtype, lossless), label maps, training level;
+                                  attrs: each study's key (keyed hash of the Study Instance UID), patient
+                                  pseudonym, views, lesions, tumour type, count scale, sources
       lesions/<column>            the lesion table, one 1-D array per column (codes in attrs)
+      folds/                      the patient-grouped folds (data/folds.py)
       .staging/                   work in progress; never part of the store, cleared on start
 
-A study is written under .staging/ and renamed into studies/ when complete, so a reader (or a rerun
-after a crash) sees a study whole or not at all. The lesion table is rebuilt from the studies' attrs
+A batch is written under .staging/ and renamed into studies/ when complete, so a reader (or a rerun
+after a crash) sees its studies whole or not at all. The lesion table is rebuilt from the batches' attrs
 at the end of every ingest and swapped in by rename, so it can never disagree with them for long.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import shutil
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
-from zarr.core.group import AsyncGroup
-from zarr.core.sync import sync as zarr_sync
 
-from wbs_dist.atomic import fsync_dir, publish_dir, sync_tree
+from wbs_dist.atomic import fsync_dir, sync_tree
+from wbs_dist.data.batches import CODEC, BatchWriter, batch_entries
 from wbs_dist.errors import UsageError
 from wbs_dist.lock import Lock, process_start_time
-from wbs_dist.preprocess import count_scale, training_level
-from wbs_dist.schema import BURDEN_GROUPS, BURDEN_TEXT, LABEL_CODES, TUMOR_TYPES, VIEWS, burden_group, view_order
-
-if TYPE_CHECKING:
-    from wbs_dist.data.studies import StudyData
+from wbs_dist.schema import BURDEN_GROUPS, BURDEN_TEXT, LABEL_CODES, TUMOR_TYPES, VIEWS, burden_group
 
 FORMAT = "wbs_dist.store"
-VERSION = 1
-
-# Counts are small integers with long zero runs: bit-shuffle + zstd compresses them losslessly to
-# well under the size of the DICOM files; level 1 compresses within 2 % of level 5 at a third of the
-# time on these images (measured on synthetic views; see bench/ingest).
-_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle)
+# 2: studies in batches (data/batches.py); 1 had a group a study. A version-1 store is refused with
+# the advice to ingest again: the archive, not the store, is the source.
+VERSION = 2
 
 LESION_COLUMNS = {
     # name: (dtype, meaning)
@@ -67,30 +53,6 @@ LESION_COLUMNS = {
 }
 
 
-async def _write_group(path: str, attrs: dict, arrays: dict[str, np.ndarray]) -> None:
-    root = await AsyncGroup.from_store(path, attributes=attrs, zarr_format=3)
-    # Whole-view chunks: a reader always wants a whole view. Empty chunks are written too, so every
-    # study has the same files (and no per-chunk emptiness check is paid).
-    # Flat chunk keys ("c.0.0.0", a file beside the array's zarr.json, not c/0/0/0): 16 files and
-    # folders a study instead of 30, each a metadata object on a parallel filesystem and an fsync
-    # before publishing (31 fsyncs, 4.8 s of a 22.5 s one-process ingest of 100 JPEG-LS studies).
-    await asyncio.gather(*(
-        root.create_array(name, data=arr, chunks=_chunks(arr), compressors=[_CODEC],
-                          chunk_key_encoding={"name": "default", "separator": "."},
-                          config={"write_empty_chunks": True})
-        for name, arr in arrays.items()))
-
-
-def _chunks(arr: np.ndarray) -> tuple[int, ...]:
-    return (1, *arr.shape[1:]) if arr.ndim == 3 else arr.shape
-
-
-def chunk_files(arrays: dict[str, np.ndarray]) -> list[str]:
-    """The chunk files `_write_group` writes, relative to the study folder (one a view, one a 2-D array)."""
-    return sorted(f"{name}/c.{i}.0.0" if arr.ndim == 3 else f"{name}/c.0.0"
-                  for name, arr in arrays.items() for i in range(arr.shape[0] if arr.ndim == 3 else 1))
-
-
 class StoreError(UsageError):
     """The store is missing, of another layout, or lacks what is asked of it."""
 
@@ -101,10 +63,6 @@ def key_to_int(key: str) -> int:
 
 def int_to_key(value: int) -> str:
     return f"{int(value):016x}"
-
-
-# The arrays of a study written before studies listed their own (attrs["arrays"]).
-STUDY_ARRAYS = ("native", "train_image", "train_labels")
 
 
 def store_lock(path: Path, what: str, mode: str = "exclusive") -> Lock:
@@ -119,6 +77,8 @@ class Store:
     def __init__(self, path: Path, root: zarr.Group):
         self.path = Path(path)
         self.root = root
+        self._index: dict[str, tuple[str, int, dict]] | None = None     # key -> (batch, row, entry)
+        self._groups: dict[str, zarr.Group] = {}
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -165,7 +125,8 @@ class Store:
         if fmt != FORMAT:
             raise StoreError(f"{path} is a Zarr group but not a wbs_dist store (format {fmt!r})")
         if ver != VERSION:
-            raise StoreError(f"store {path} has layout version {ver}; this wbs-dist reads version {VERSION}")
+            raise StoreError(f"store {path} has layout version {ver}; this wbs-dist reads version {VERSION}: "
+                             "ingest the archive again into a new store")
         return cls(path, root)
 
     # -- studies -------------------------------------------------------------------------------------
@@ -214,82 +175,95 @@ class Store:
             return
         shutil.rmtree(aside, ignore_errors=True)
 
+    # The index: which batch holds which study. Read from the batches' attrs (one small JSON file for up
+    # to 64 studies) the first time it is needed, and kept up to date by this process's own writer.
+    def refresh(self) -> None:
+        """Read the index again (other processes may have published batches since)."""
+        index: dict[str, tuple[str, int, dict]] = {}
+        folder = self.path / "studies"
+        for batch in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []:
+            for row, entry in enumerate(batch_entries(batch) or []):
+                index.setdefault(entry["key"], (batch.name, row, entry))   # first batch wins a (rare) repeat
+        self._index = index
+
+    def _entries(self) -> dict[str, tuple[str, int, dict]]:
+        if self._index is None:
+            self.refresh()
+        return self._index
+
+    def indexed(self, batch: str, entries: list[dict]) -> None:
+        """A batch this process has just published (BatchWriter); an index not read yet will read it."""
+        if self._index is not None:
+            for row, entry in enumerate(entries):
+                self._index.setdefault(entry["key"], (batch, row, entry))
+
     def study_keys(self) -> list[str]:
-        d = self.path / "studies"
-        return sorted(p.name for p in d.iterdir() if self._complete(p)) if d.exists() else []
+        return sorted(self._entries())
 
     def has_study(self, key: str) -> bool:
-        return self._complete(self.path / "studies" / key)
+        return key in self._entries()
 
-    @staticmethod
-    def _complete(folder: Path) -> bool:
-        """A study counts only when its attributes and every array it lists are there; a torn one (a
-        crash of a filesystem without ordered renames, a concurrent writer of an older version) is
-        written again by the next ingest."""
+    def clear_torn_batches(self) -> None:
+        """Remove batches that are not whole; only under the store's exclusive lock (no other writer)."""
+        folder = self.path / "studies"
+        for batch in (p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []:
+            if batch_entries(batch) is None:
+                torn = self.staging() / f"{batch.name}.torn"
+                os.rename(batch, torn)
+                shutil.rmtree(torn, ignore_errors=True)
+        self._index = None
+
+    def _place(self, key: str) -> tuple[zarr.Group, int, dict]:
         try:
-            attrs = json.loads((folder / "zarr.json").read_text()).get("attributes") or {}
-        except (OSError, ValueError):
-            return False
-        if "views" not in attrs or "lesions" not in attrs:
-            return False
-        arrays = attrs.get("arrays") or STUDY_ARRAYS
-        if not all((folder / name / "zarr.json").exists() for name in arrays):
-            return False
-        if "chunk_files" in attrs:             # flat chunk keys: every chunk file named, checked
-            return all((folder / f).is_file() for f in attrs["chunk_files"])
-        return all((folder / name / "c").is_dir() for name in arrays)     # stores written before them
+            batch, row, entry = self._entries()[key]
+        except KeyError:
+            raise StoreError(f"store {self.path} has no study {key}") from None
+        if batch not in self._groups:
+            self._groups[batch] = zarr.open_group(str(self.path / "studies" / batch), mode="r", zarr_format=3)
+        return self._groups[batch], row, entry
 
-    def study(self, key: str) -> zarr.Group:
-        return zarr.open_group(str(self.path / "studies" / key), mode="r", zarr_format=3)
+    def study_attrs(self, key: str) -> dict:
+        """A study's attributes: patient, views, lesions, tumour type, count_scale, sources, ..."""
+        return self._place(key)[2]["attrs"]
 
     def native_views(self, key: str) -> dict[str, np.ndarray]:
-        g = self.study(key)
-        native = g["native"][...]
-        return dict(zip(g.attrs["views"], native))
+        return self.native_study(key)[0]
 
     def native_study(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """A study's native views and lesion label maps by view (no maps: not annotated), one group open."""
-        g = self.study(key)
-        views = list(g.attrs["views"])
-        labels = dict(zip(views, g["labels"][...])) if "labels" in g else {}
-        return dict(zip(views, g["native"][...])), labels
+        """A study's native views and lesion label maps by view (no maps: not annotated)."""
+        g, _, entry = self._place(key)
+        p, shapes, views = entry["plane"], entry["shapes"], entry["attrs"]["views"]
 
-    def write_study(self, data: "StudyData") -> bool:
-        """Write a study atomically. False when it was already there (a concurrent or earlier run)."""
-        final = self.path / "studies" / data.key
-        if self._complete(final):
-            return False
-        image, labels = training_level(data.views, data.labels, *self.train_size)
-        counts = np.bincount(labels.ravel())
-        areas = {int(v): int(c) for v, c in enumerate(counts) if v and c}
-        attrs = dict(data.attrs)
-        attrs["count_scale"] = count_scale(image)
-        attrs["lesions"] = [dict(les, area_train=areas.get(les["lesion_id"], 0)) for les in attrs.get("lesions", [])]
-        names = sorted(data.views, key=view_order)
-        # A study is one array per kind, not one per view: zarr-python's per-array cost, not I/O,
-        # dominated ingest time with one array per view (bench/ingest).
-        arrays = {"native": np.stack([data.views[v] for v in names]),
-                  "train_image": image, "train_labels": labels}
-        if data.labels:
-            shape = data.views[names[0]].shape
-            arrays["labels"] = np.stack([data.labels.get(v, np.zeros(shape, np.uint16)) for v in names])
-        attrs["views"] = names
-        attrs["arrays"] = sorted(arrays)
-        attrs["chunk_files"] = chunk_files(arrays)
+        def planes(name: str) -> dict[str, np.ndarray]:
+            block = g[name][p:p + len(shapes)]
+            return {v: np.ascontiguousarray(block[i, :r, :c]) for i, (v, (r, c)) in enumerate(zip(views, shapes))}
 
-        tmp = self.staging() / f"{data.key}.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # One trip into zarr's event loop for the whole study: per-call sync overhead, not I/O, is
-        # what a study costs when each array is created through the synchronous API.
-        zarr_sync(_write_group(str(tmp), attrs, arrays))
-        if final.exists() and not self._complete(final):
-            torn = self.staging() / f"{data.key}.torn"
-            os.rename(final, torn)
-            shutil.rmtree(torn, ignore_errors=True)
-        if not publish_dir(tmp, final):        # another worker won the race with the same study
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        return True
+        return planes("native"), planes("labels") if entry["has_labels"] else {}
+
+    def training_level(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """A study's stored training image (mean counts, not normalised) and label map."""
+        g, row, _ = self._place(key)
+        return g["train_image"][row], g["train_labels"][row]
+
+    def training_levels(self, keys: Iterable[str]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(position in `keys`, training image, label map) for every key, a batch at a time: the rows a
+        batch holds are one read of its shard (bench/store_scale measures what that saves)."""
+        by_batch: dict[str, list[tuple[int, int]]] = {}
+        for i, key in enumerate(keys):
+            _, row, _ = self._place(key)                 # opens the batch once; names a missing key
+            by_batch.setdefault(self._entries()[key][0], []).append((i, row))
+        for batch, wanted in by_batch.items():
+            g = self._groups[batch]
+            rows = sorted({row for _, row in wanted})
+            images = g["train_image"].get_orthogonal_selection((rows, slice(None), slice(None)))
+            labels = g["train_labels"].get_orthogonal_selection((rows, slice(None), slice(None)))
+            at = {row: j for j, row in enumerate(rows)}
+            for i, row in wanted:
+                yield i, images[at[row]], labels[at[row]]
+
+    def writer(self, batch_studies: int | None = None) -> BatchWriter:
+        """The writer that adds studies to this store (`with store.writer() as w: w.add(prepared)`)."""
+        return BatchWriter(self, batch_studies) if batch_studies else BatchWriter(self)
 
     # -- store-wide groups, replaced whole ------------------------------------------------------------
     def staged_group(self, name: str) -> zarr.Group:
@@ -319,8 +293,9 @@ class Store:
     def rebuild_lesion_table(self) -> dict:
         cols: dict[str, list] = {name: [] for name in LESION_COLUMNS}
         n_studies = n_annotated = 0
+        self.refresh()                          # shards may have published batches since this process looked
         for key in self.study_keys():
-            attrs = json.loads((self.path / "studies" / key / "zarr.json").read_text())["attributes"]
+            attrs = self.study_attrs(key)
             n_studies += 1
             lesions = attrs.get("lesions") or []
             if attrs.get("annotated"):
@@ -342,7 +317,7 @@ class Store:
                         "columns": {k: v[1] for k, v in LESION_COLUMNS.items()}, "rows": len(cols["study"])})
         for name, (dtype, _) in LESION_COLUMNS.items():
             arr = np.asarray(cols[name], dtype=dtype)
-            g.create_array(name, data=arr, chunks=(max(len(arr), 1),), compressors=[_CODEC])
+            g.create_array(name, data=arr, chunks=(max(len(arr), 1),), compressors=[CODEC])
         self.swap_in("lesions")
         counts = {"studies": n_studies, "annotated_studies": n_annotated, "lesions": len(cols["study"]),
                   "malignant_lesions": int(sum(cols["label"]))}

@@ -102,10 +102,14 @@ class StudyPool:
         return tqdm(it, total=len(members), desc="reading headers", unit="file", file=sys.stderr,
                     dynamic_ncols=True, mininterval=0.5, disable=None if progress else True)
 
-    def map(self, fn, items: list, desc: str):
-        it = self.executor.map(fn, items, chunksize=max(1, min(32, len(items) // 64)))
-        return tqdm(it, total=len(items), desc=desc, unit="study", file=sys.stderr, dynamic_ncols=True,
-                    mininterval=0.5, disable=None)
+    def map_groups(self, fn, groups: list[list], desc: str):
+        """fn(group) for each group of studies, in order, as they finish; the progress bar counts studies."""
+        bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="study", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5, disable=None)
+        with bar:
+            for group, result in zip(groups, self.executor.map(fn, groups)):
+                bar.update(len(group))
+                yield result
 
     def submit(self, fn, *args) -> Future:
         return self.executor.submit(fn, *args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,8 +51,13 @@ class LesionIndex:
 
     def study_arrays(self, store: Store, s: int) -> tuple[np.ndarray, np.ndarray]:
         """Study s's normalised training image and label map, as ingest stored them."""
-        g = store.study(self.study_keys[s])
-        return normalise(g["train_image"][...], self.scale[s]), g["train_labels"][...]
+        image, labels = store.training_level(self.study_keys[s])
+        return normalise(image, self.scale[s]), labels
+
+    def each_study(self, store: Store) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(s, study_arrays(store, s)) for every study, in the store's order: a batch's studies in one read."""
+        for s, image, labels in store.training_levels(self.study_keys):
+            yield s, normalise(image, self.scale[s]), labels
 
 
 def lesion_index(store: Store, folds: Sequence[int], size: tuple[int, int],
@@ -83,7 +88,7 @@ def lesion_index(store: Store, folds: Sequence[int], size: tuple[int, int],
     rows = {name: col[sel][order] for name, col in table.items()}
     studies, study_pos = np.unique(rows["study"], return_inverse=True)
     keys = [int_to_key(s) for s in studies]
-    scale = np.array([store.study(key).attrs["count_scale"] for key in keys], np.float32)
+    scale = np.array([store.study_attrs(key)["count_scale"] for key in keys], np.float32)
     return LesionIndex(store.path, height, width, other_lesions_channel, keys, scale,
                        study_pos.astype(np.int32), rows["lesion_id"].astype(np.uint16),
                        rows["label"].astype(np.float32), rows["patient"], fold_of[sel][order].astype(np.int8),
@@ -119,10 +124,10 @@ class StoreDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def study(self, key: str):
+    def store(self) -> Store:
         if self._store is None:  # opened lazily: each DataLoader worker gets its own handle
             self._store = Store.open(self.index.store_path)
-        return self._store.study(key)
+        return self._store
 
 
 class LesionDataset(StoreDataset):
@@ -131,7 +136,6 @@ class LesionDataset(StoreDataset):
     def __getitem__(self, i: int) -> dict:
         ix = self.index
         s = int(ix.study[i])
-        self.study(ix.study_keys[s])                           # opens the store once per worker
-        image, labels = ix.study_arrays(self._store, s)
+        image, labels = ix.study_arrays(self.store(), s)
         x = make_input(image, labels, int(ix.lesion_id[i]), ix.other_lesions_channel)
         return {"x": torch.from_numpy(x), "y": torch.tensor(ix.label[i]), "index": torch.tensor(i)}

@@ -27,9 +27,10 @@ can leave out the padding of a global batch as it does for the classifier.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -112,6 +113,12 @@ class StudyIndex:
         views, labels = store.native_study(self.study_keys[s])
         return detection_level({v: a.astype(np.float32) for v, a in views.items()}, labels, self.height, self.width)
 
+    def each_study(self, store: Store, threads: int = 4) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(s, study_arrays(store, s)) for every study: made from native views, in `threads` threads."""
+        with ThreadPoolExecutor(threads) as pool:
+            for s, (image, labels) in enumerate(pool.map(lambda s: self.study_arrays(store, s), range(len(self)))):
+                yield s, image, labels
+
 
 def study_index(store: Store, folds: Sequence[int], size: Sequence[int]) -> StudyIndex:
     """The studies with at least one lesion in the store's lesion table whose patients are in `folds`."""
@@ -134,8 +141,7 @@ class StudyDataset(StoreDataset):
         self.rng = np.random.default_rng(seed)
 
     def __getitem__(self, i: int) -> dict:
-        self.study(self.index.study_keys[i])                   # opens the store once per worker
-        image, labels = self.index.study_arrays(self._store, i)
+        image, labels = self.index.study_arrays(self.store(), i)
         x, y = image[None], (labels > 0).astype(np.int64)[None]
         if self.flip_p and self.rng.random() < self.flip_p:
             x, y = mirror_views(x), mirror_views(y)

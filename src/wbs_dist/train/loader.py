@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +80,7 @@ class StudyCache:
     shape: tuple[int, int, int, int]
 
     @classmethod
-    def build(cls, index: LesionIndex, threads: int = 4) -> "StudyCache":
+    def build(cls, index: LesionIndex) -> "StudyCache":
         h, w = index.height, index.width
         shape = (len(index.study_keys), h, w)
         # /dev/shm when there is one: the cache is rebuilt for every run, so it never goes stale. A
@@ -91,13 +90,10 @@ class StudyCache:
         cache = cls(folder, shape)
         images = np.lib.format.open_memmap(cache._path("image"), mode="w+", dtype=np.float32, shape=shape)
         labels = np.lib.format.open_memmap(cache._path("labels"), mode="w+", dtype=np.uint16, shape=shape)
-        store = Store.open(index.store_path)
-
-        def load(s: int) -> None:
-            images[s], labels[s] = index.study_arrays(store, s)
-
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(load, range(shape[0])))
+        # The index reads its own way (`each_study`): the classifier's stored level a batch of studies
+        # at a time, the detector's level made from the native views in threads.
+        for s, image, label in index.each_study(Store.open(index.store_path)):
+            images[s], labels[s] = image, label
         images.flush()
         labels.flush()
         # (the maps close when this function returns)
