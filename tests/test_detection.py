@@ -108,6 +108,26 @@ def test_froc_points_and_the_threshold_chosen_on_training_points():
     assert t == 0.7 and "no threshold reaches" in note
 
 
+def test_folds_pool_by_summed_counts_and_folds_of_other_settings_are_refused():
+    from wbs_dist.errors import InputError
+    from wbs_dist.evaluate.detection_report import detection_summary
+
+    def fold_doc(grid, counts, target=0.95):
+        pts = [dict(threshold=t, found=f, lesions=4, false=fp, copies=0, studies=2,
+                    sensitivity=f / 4, fp_per_study=fp / 2) for t, (f, fp) in zip(grid, counts)]
+        return {"froc": pts, "at_threshold": pts[0], "threshold_note": "n", "target_sensitivity": target}
+
+    a = fold_doc([0.3, 0.6], [(4, 6), (2, 1)])
+    b = fold_doc([0.3, 0.6], [(3, 2), (1, 0)])
+    s = detection_summary({0: a, 1: b})
+    assert [(p["found"], p["lesions"], p["false"], p["studies"]) for p in s["froc"]] == [(7, 8, 8, 4), (3, 8, 1, 4)]
+    assert s["froc"][0]["sensitivity"] == 7 / 8 and s["froc"][1]["fp_per_study"] == 1 / 4
+    with pytest.raises(InputError, match="fold 0: 2 thresholds 0.3..0.6, target 0.95; fold 1: 3 thresholds"):
+        detection_summary({0: a, 1: fold_doc([0.3, 0.5, 0.6], [(3, 2), (2, 1), (1, 0)])})
+    with pytest.raises(InputError, match="fold 1: 2 thresholds 0.3..0.6, target 0.9"):
+        detection_summary({0: a, 1: fold_doc([0.3, 0.6], [(3, 2), (1, 0)], target=0.9)})
+
+
 def test_point_of_no_lesions_and_bad_inputs():
     assert point(0.5, [])["sensitivity"] is None
     with pytest.raises(ValueError, match="shape"):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from wbs_dist import atomic
+from wbs_dist.errors import InputError
 
 FOLD_KEYS = ("threshold", "sensitivity", "fp_per_study", "found", "lesions", "false", "copies", "studies")
 METHOD = ("a lesion is found when a component of the thresholded probability map (8-connected) overlaps it with "
@@ -36,6 +37,7 @@ def pooled_point(threshold: float | None, points: Sequence[dict]) -> dict:
 def detection_summary(folds: dict[int, dict], classical: dict | None = None) -> dict:
     """metrics.json's `detection` block from the folds' detection.json contents, with the classical
     hot-spot finder's point on the same studies when given (`classical`, a detection.point)."""
+    _same_setting(folds)
     per_fold = {str(k): {**{key: d["at_threshold"][key] for key in FOLD_KEYS}, "threshold_note": d["threshold_note"]}
                 for k, d in sorted(folds.items())}
     pooled = pooled_point(None, [d["at_threshold"] for d in folds.values()])
@@ -45,6 +47,23 @@ def detection_summary(folds: dict[int, dict], classical: dict | None = None) -> 
             for t in grid]
     return {"folds": per_fold, "pooled": pooled, "froc": froc, "classical": classical,
             "target_sensitivity": next(iter(folds.values()))["target_sensitivity"], "method": METHOD}
+
+
+def _same_setting(folds: dict[int, dict]) -> None:
+    """Folds pool only when they share one FROC threshold grid and one target: a hand-assembled run
+    (folds trained under different settings) is refused, naming the folds that differ."""
+    def setting(d: dict) -> tuple:
+        return tuple(p["threshold"] for p in d["froc"]), d["target_sensitivity"]
+
+    first = min(folds)
+    for k, d in sorted(folds.items()):
+        if setting(d) != setting(folds[first]):
+            def text(f: int) -> str:
+                grid, target = setting(folds[f])
+                span = f"{grid[0]:g}..{grid[-1]:g}" if grid else "none"
+                return f"fold {f}: {len(grid)} thresholds {span}, target {target:g}"
+            raise InputError(f"the folds' detection.json files do not pool: {text(first)}; {text(k)}. They were "
+                             "trained under different detection settings; retrain the folds that differ")
 
 
 def froc_figure(summary: dict):
