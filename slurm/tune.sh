@@ -32,7 +32,9 @@ export RAY_ADDRESS="$head_ip:$port"     # `wbs-dist tune` connects to it instead
 # say it to all of them. The token is ~/.ray/auth_token (or RAY_AUTH_TOKEN), which the nodes must share.
 export RAY_AUTH_MODE=token
 # Private to this user and job, made fresh (a fixed name in the shared /tmp could be another user's);
-# short: Ray's socket paths must fit in 107 bytes.
+# short: Ray's socket paths must fit in 107 bytes. Ray makes the folder it is given world-writable
+# (0777, Ray 2.60), so it gets r/ inside ours (mktemp -d: 0700), which nobody else can enter, even when
+# a scancel's SIGKILL leaves it behind.
 ray_tmp=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-XXXX")
 
 # stop_node_processes: end every process of this job on this node but the calling shell: TERM, up to
@@ -104,7 +106,7 @@ trap 'exit 143' TERM INT USR2
 
 echo "[tune.sh] Ray head on ${nodes[0]} ($RAY_ADDRESS), ${#nodes[@]} node(s), $cpus CPUs each" >&2
 ray start --head --node-ip-address="$head_ip" --port="$port" --num-cpus="$cpus" \
-    --temp-dir="$ray_tmp" --include-dashboard=false --disable-usage-stats --block &
+    --temp-dir="$ray_tmp/r" --include-dashboard=false --disable-usage-stats --block &
 pids+=($!)
 # `ray status` fails under Ray 2.60's token authentication: a driver connecting is the probe.
 ready=0
@@ -127,7 +129,7 @@ if ((${#nodes[@]} > 1)); then
         d=$(mktemp -d "/tmp/ray-$(id -u)-$SLURM_JOB_ID-w-XXXX")
         trap "rm -rf \"\$d\"" EXIT
         trap "stop_node_processes; exit 143" TERM INT
-        ray start --address="$RAY_ADDRESS" --num-cpus="$1" --temp-dir="$d" --disable-usage-stats --block &
+        ray start --address="$RAY_ADDRESS" --num-cpus="$1" --temp-dir="$d/r" --disable-usage-stats --block &
         wait $!' worker "$cpus" &
     pids+=($!)
 fi

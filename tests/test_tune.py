@@ -144,6 +144,23 @@ def test_local_sweep_finishes_and_asha_stops_a_trial_early(sweep):
 
 
 @pytest.mark.slow
+def test_local_rays_session_files_are_private(sweep):
+    """Ray makes the folder it is given world-writable (0777): it is given r/ inside ours, kept 0700."""
+    assert oct(Path(RAY_TMP).stat().st_mode & 0o777) == "0o700" and Path(RAY_TMP).stat().st_uid == os.getuid()
+    assert any((Path(RAY_TMP) / "r").glob("session_*"))
+
+
+def test_a_ray_folder_of_another_user_is_refused(loader_store, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o777)
+    os.chown(theirs, 65534, 65534)                  # nobody's (the suite runs as root on its machines)
+    args = sweep_args(loader_store, tmp_path, "x", num_samples=1, max_epochs=1, ray_temp_dir=theirs)
+    res = run_cli(*args)
+    assert res.returncode == 2 and "ray_temp_dir" in res.stderr and "not a folder of yours" in res.stderr, res.stderr
+    assert not any(theirs.iterdir())
+
+
+@pytest.mark.slow
 def test_best_yaml_is_a_complete_training_config(sweep, loader_store):
     from wbs_dist.config import load_config
 
@@ -295,6 +312,17 @@ def ray_session_dirs(jobid: str) -> list[Path]:
     return sorted(Path("/tmp").glob(f"ray-{os.getuid()}-{jobid}-*"))
 
 
+def folder_modes(paths: list[Path]) -> list[str]:
+    """Permission bits of those folders still there (a folder may go between listing and stat)."""
+    out = []
+    for p in paths:
+        try:
+            out.append(oct(p.stat().st_mode & 0o777))
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def leftover(jobid: str) -> dict[int, str]:
     """The job's live processes, pid -> command line (cut at 200 characters)."""
     left = {}
@@ -341,11 +369,12 @@ def test_sbatch_tune_sh_on_two_nodes_runs_trials_on_both(slurm_cluster, loader_s
     args = sweep_args(loader_store, tmp_path, "two", num_samples=2, max_epochs=1, cpus_per_trial=2)[1:]
     out = tmp_path / "job.out"
     jobid = submit_two_node_sweep(args, out)
-    seen = set()
+    seen, modes = set(), set()
     try:
         deadline = time.monotonic() + 500
         while time.monotonic() < deadline:
             seen |= {node for program, node in ray_daemons(jobid) if program == "raylet"}
+            modes |= set(folder_modes(ray_session_dirs(jobid)))
             rows = sacct_rows(jobid)
             if rows and all(r["State"] in TERMINAL_STATES for r in rows):
                 break
@@ -357,6 +386,7 @@ def test_sbatch_tune_sh_on_two_nodes_runs_trials_on_both(slurm_cluster, loader_s
     assert row["State"] == "COMPLETED", text[-4000:]
     assert "2 node(s)" in text and "best: " in text
     assert len(seen) == 2, f"raylets seen on {seen}"               # a head and a worker, one a node
+    assert modes == {"0o700"}, f"session folders' modes while running: {modes}"   # Ray's own 0777 one inside
     rows = read_rows(tmp_path / "two")
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     assert len({r["node"] for r in rows}) == 2 and all(rows[0]["node"] and rows[1]["node"]), rows
