@@ -505,6 +505,35 @@ def test_studies_without_annotations_are_scored_on_the_detectors_components(synt
         score_archive(synth_archive, detector_dir, tmp_path / "e.csv")
 
 
+@pytest.mark.slow
+def test_a_learned_scoring_killed_mid_run_reruns_to_the_uninterrupted_output(synth_archive, run_dir, detector_dir,
+                                                                            tmp_path):
+    """The learned path's parts (the detector's forward pass in the scorer, components in its workers)
+    under SIGKILL: nothing half-written is trusted, and the rerun gives each lesion once."""
+    bare = tmp_path / "dicom-only"
+    shutil.copytree(synth_archive, bare, ignore=shutil.ignore_patterns("annotations.csv", "masks"))
+    full = tmp_path / "full.csv"
+    assert not score_archive(bare, run_dir, full, workers=0, detector=detector_dir, candidates_from="learned").errors
+    out = tmp_path / "pred.csv"
+    cmd = WBS + ["score", str(bare), "--run", str(run_dir), "--out", str(out), "--workers", "1", "--batch", "4",
+                 "--part-size", "1", "--detector", str(detector_dir), "--candidates", "learned"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 120
+    while not list(parts_dir(out).glob("part-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(kill_point_rng("learned score").uniform(0.0, 0.3))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and len(list(parts_dir(out).glob("part-*.json"))) < 12, "the kill should interrupt the run"
+    again = score_archive(bare, run_dir, out, workers=0, detector=detector_dir, candidates_from="learned")
+    assert not again.errors and again.already > 0
+    keys = [(r["study_uid"], r["lesion_id"]) for r in rows_of(out)]
+    assert len(keys) == len(set(keys))
+    assert_same_rows(out, full)
+    assert_same_rows(out.with_name("pred.summary.csv"), full.with_name("full.summary.csv"))
+
+
 def test_an_unusable_detection_json_of_the_detector_exits_2_naming_it(synth_archive, run_dir, detector_dir, tmp_path):
     detector = tmp_path / "detector"
     shutil.copytree(detector_dir, detector)

@@ -73,12 +73,26 @@ def store_lock(path: Path, what: str, mode: str = "exclusive") -> Lock:
     return Lock(path.with_name(path.name + ".lock"), what, mode, subject=f"store {path}")
 
 
+class _Batch:
+    """A published batch's arrays, each opened once: a zarr group's `[name]` reads the array's zarr.json
+    again every time, which per-study reads would pay twice a study."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = zarr.open_array(str(self.path / name), mode="r", zarr_format=3)
+        return self._arrays[name]
+
+
 class Store:
     def __init__(self, path: Path, root: zarr.Group):
         self.path = Path(path)
         self.root = root
         self._index: dict[str, tuple[str, int, dict]] | None = None     # key -> (batch, row, entry)
-        self._groups: dict[str, zarr.Group] = {}
+        self._batches: dict[str, _Batch] = {}
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -213,14 +227,14 @@ class Store:
                 shutil.rmtree(torn, ignore_errors=True)
         self._index = None
 
-    def _place(self, key: str) -> tuple[zarr.Group, int, dict]:
+    def _place(self, key: str) -> tuple["_Batch", int, dict]:
         try:
             batch, row, entry = self._entries()[key]
         except KeyError:
             raise StoreError(f"store {self.path} has no study {key}") from None
-        if batch not in self._groups:
-            self._groups[batch] = zarr.open_group(str(self.path / "studies" / batch), mode="r", zarr_format=3)
-        return self._groups[batch], row, entry
+        if batch not in self._batches:
+            self._batches[batch] = _Batch(self.path / "studies" / batch)
+        return self._batches[batch], row, entry
 
     def study_attrs(self, key: str) -> dict:
         """A study's attributes: patient, views, lesions, tumour type, count_scale, sources, ..."""
@@ -253,13 +267,13 @@ class Store:
             _, row, _ = self._place(key)                 # opens the batch once; names a missing key
             by_batch.setdefault(self._entries()[key][0], []).append((i, row))
         for batch, wanted in by_batch.items():
-            g = self._groups[batch]
-            rows = sorted({row for _, row in wanted})
-            images = g["train_image"].get_orthogonal_selection((rows, slice(None), slice(None)))
-            labels = g["train_labels"].get_orthogonal_selection((rows, slice(None), slice(None)))
-            at = {row: j for j, row in enumerate(rows)}
+            g = self._batches[batch]
+            # One contiguous slice over the rows wanted: zarr 3.1's orthogonal selection of the same rows
+            # took 3-60x longer on a sharded array (64 rows of 512 x 256: 0.68-3.7 s against 0.056 s).
+            lo, hi = min(row for _, row in wanted), max(row for _, row in wanted) + 1
+            images, labels = g["train_image"][lo:hi], g["train_labels"][lo:hi]
             for i, row in wanted:
-                yield i, images[at[row]], labels[at[row]]
+                yield i, images[row - lo], labels[row - lo]
 
     def writer(self, batch_studies: int | None = None) -> BatchWriter:
         """The writer that adds studies to this store (`with store.writer() as w: w.add(prepared)`)."""
