@@ -51,14 +51,12 @@ from machine import machine  # bench/machine.py (bench scripts run from bench/ o
 
 TRAIN_SIZE = (512, 256)
 TRAIN_FOLDS = [0, 1, 2, 3]        # fold 4's training folds
-# Measured at 200 studies (2-core AMD EPYC VM, load average ~3: another user's jobs beside it): 0.274 MB
-# allocated a study on ext4 (15.7 files and folders, 4 KiB blocks); 0.294 MB with studies/ grown to
-# 19,732 entries (its folder's own blocks; an interrupted build), rounded up; wall seconds a study for
-# the whole bench (build with 2 processes, table, folds, every measurement: the store epoch and the
-# build are most of it) and the fixed part (rendering, fresh processes). The preflight sizes a run
-# with them.
-EST_BYTES_PER_STUDY = 0.3e6
-EST_SECONDS_PER_STUDY = 0.1
+# Measured at 10,000 studies in batches (2-core AMD EPYC VM, quiet): 0.232 MB allocated a study on ext4
+# (0.3 files and folders), rounded up; wall seconds a study for the whole bench (build with 2
+# processes, table, folds, every measurement: the store epoch and the build are most of it, 4.9 min in
+# all) and the fixed part (rendering, fresh processes). The preflight sizes a run with them.
+EST_BYTES_PER_STUDY = 0.25e6
+EST_SECONDS_PER_STUDY = 0.03
 EST_SECONDS_FIXED = 60
 ANNOTATED = 0.95                  # synth.ANNOTATED_FRACTION: studies with lesions, the index's share
 HEADROOM = 1.5
@@ -327,7 +325,7 @@ def main() -> None:
     est = preflight(args)
     print(f"# bench/store_scale: {args.studies} studies; estimated {est['store_bytes'] / 1e9:.1f} GB of store, "
           f"{est['cache_bytes'] / 1e9:.1f} GB of study cache in /dev/shm, about {est['seconds'] / 60:.0f} min "
-          "(rates measured at 200 studies on a busy 2-core VM)", flush=True)
+          "(rates measured at 10,000 studies on a quiet 2-core VM)", flush=True)
     if args.check:
         print("# --check: enough free space for it; nothing done")
         return
