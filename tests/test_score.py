@@ -167,18 +167,24 @@ def test_shards_merge_to_the_unsharded_output(full, synth_archive, run_dir, tmp_
     assert_same_rows(out.with_name("pred.summary.csv"), full.with_name("pred.summary.csv"))
 
 
-def test_kill_at_a_random_point_then_rerun_gives_each_lesion_once(full, synth_archive, run_dir, tmp_path):
-    out = tmp_path / "pred.csv"
-    cmd = WBS + ["score", str(synth_archive), "--run", str(run_dir), "--out", str(out), "--workers", "1",
-                 "--batch", "4", "--part-size", "1"]
+def kill_after_a_part(cmd: list[str], out: Path, name: str) -> None:
+    """Start a scorer, and SIGKILL it and its workers (mid-write, whatever they were doing) at a random
+    moment after its first part file is written."""
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.monotonic() + 120
     while not list(parts_dir(out).glob("part-*.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(kill_point_rng("score").uniform(0.0, 0.3))
-    os.killpg(proc.pid, signal.SIGKILL)  # the scorer and its worker, mid-write whatever they were doing
+    time.sleep(kill_point_rng(name).uniform(0.0, 0.3))
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_kill_at_a_random_point_then_rerun_gives_each_lesion_once(full, synth_archive, run_dir, tmp_path):
+    out = tmp_path / "pred.csv"
+    cmd = WBS + ["score", str(synth_archive), "--run", str(run_dir), "--out", str(out), "--workers", "1",
+                 "--batch", "4", "--part-size", "1"]
+    kill_after_a_part(cmd, out, "score")
     done_before = len(list(parts_dir(out).glob("part-*.json")))
     assert not out.exists() and done_before < 12, "the kill should interrupt the run"
     assert not score_archive(synth_archive, run_dir, out, workers=0).errors
@@ -517,14 +523,7 @@ def test_a_learned_scoring_killed_mid_run_reruns_to_the_uninterrupted_output(syn
     out = tmp_path / "pred.csv"
     cmd = WBS + ["score", str(bare), "--run", str(run_dir), "--out", str(out), "--workers", "1", "--batch", "4",
                  "--part-size", "1", "--detector", str(detector_dir), "--candidates", "learned"]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.monotonic() + 120
-    while not list(parts_dir(out).glob("part-*.json")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(kill_point_rng("learned score").uniform(0.0, 0.3))
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_a_part(cmd, out, "learned score")
     assert not out.exists() and len(list(parts_dir(out).glob("part-*.json"))) < 12, "the kill should interrupt the run"
     again = score_archive(bare, run_dir, out, workers=0, detector=detector_dir, candidates_from="learned")
     assert not again.errors and again.already > 0
