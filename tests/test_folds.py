@@ -67,6 +67,7 @@ def test_too_few_patients_is_a_usage_error():
         assign_folds(np.array([1, 2, 3]), np.array([0, 1, 0]), np.array([0, 0, 1]), 5, 0)
 
 
+@pytest.mark.slow             # CLI processes (4-5 s): out of the fast subset (CI runs it)
 def test_cli_writes_folds_and_refuses_to_replace_them(loader_store, tmp_path):
     import shutil
 

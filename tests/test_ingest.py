@@ -77,6 +77,7 @@ def ingested(synth_archive, tmp_path_factory):
     return store, res
 
 
+@pytest.mark.slow             # a CLI process: out of the fast subset (CI runs it)
 def test_a_store_is_a_few_files_for_many_studies(synth_archive, tmp_path):
     """A parallel filesystem's metadata load: studies share batches (up to 64, one a worker's task, one
     a native dtype), 9 files each; a group a study was 11 files in 5 folders."""
@@ -282,6 +283,7 @@ def _rewrite(paths, **values):
         ds.save_as(path)
 
 
+@pytest.mark.slow             # CLI processes (4-5 s): out of the fast subset (CI runs it)
 def test_deidentification_holds_for_hostile_headers(archive_copy, tmp_path):
     """Burned-in text is refused, free-text device fields keep only a vocabulary word, and a malformed
     UID is never quoted by a warning: no byte of the store, its errors file or the output shows them."""
@@ -314,6 +316,7 @@ def test_deidentification_holds_for_hostile_headers(archive_copy, tmp_path):
     assert "(1 new, 11 already there)" in again.stdout, again.stdout + again.stderr
 
 
+@pytest.mark.slow             # a CLI process: out of the fast subset (CI runs it)
 def test_a_batch_missing_one_shard_file_is_written_again(synth_archive, ingested, tmp_path):
     """A crash on a filesystem that does not order renames can lose one file of a published batch; zarr
     would then read its views as zeros. The completeness check names every file, and the next ingest

@@ -150,6 +150,7 @@ def test_local_rays_session_files_are_private(sweep):
     assert any((Path(RAY_TMP) / "r").glob("session_*"))
 
 
+@pytest.mark.slow             # a CLI process: out of the fast subset (CI runs it)
 def test_a_ray_folder_of_another_user_is_refused(loader_store, tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o777)
