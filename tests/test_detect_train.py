@@ -280,3 +280,22 @@ def test_ddp_two_ranks_of_a_detector_under_torchrun(loader_store, tmp_path):
         assert (got["studies"], got["lesions"]) == (exp["studies"], exp["lesions"]) == (len(val), exp["lesions"])
         assert all(abs(got[k] - exp[k]) <= 1 for k in ("found", "false", "copies")), (got, exp)
     assert sum(got == exp for got, exp in zip(det["froc"], ref)) >= len(ref) - 2
+
+
+@pytest.mark.slow
+def test_a_detect_fold_reads_its_training_studies_into_one_cache(loader_store, tmp_path, monkeypatch):
+    """The threshold pass at the end reads the training studies from the training loader's cache: two
+    caches a fold (training, validation), not a third made again from the native views."""
+    from wbs_dist.train import loader as loader_mod
+    from wbs_dist.train.trainer import train_fold
+
+    built = []
+    real = loader_mod.StudyCache.build.__func__
+
+    def counting(cls, index):
+        built.append(len(index))
+        return real(cls, index)
+
+    monkeypatch.setattr(loader_mod.StudyCache, "build", classmethod(counting))
+    train_fold(detect_config(loader_store, tmp_path / "run", epochs=1), 0)
+    assert len(built) == 2, built

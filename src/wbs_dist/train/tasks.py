@@ -167,6 +167,7 @@ class DetectTask:
                             start_epoch=start_epoch, start_step=start_step, patch_rows=cfg.patch_rows)
         val = StudyLoader(self.val_index, global_batch=cfg.batch_size, train=False, seed=cfg.seed, world=self.world,
                           rank=self.rank, device_id=device_id, workers=cfg.num_workers)
+        self._train_cache = train.cache          # `final` reads the training studies again from it
         return train, val
 
     def inputs(self, batch) -> torch.Tensor:
@@ -217,9 +218,11 @@ class DetectTask:
         from wbs_dist.train.loader import StudyLoader
 
         cfg = self.cfg
+        # Over the training loader's cache (its studies at the detector's level), not a second one: at
+        # 10,000 studies a cache of native views made again would cost minutes at every fold's end.
         with StudyLoader(self.train_index, global_batch=cfg.batch_size, train=False, seed=cfg.seed, world=self.world,
                          rank=self.rank, device_id=self.device.index if self.device.type == "cuda" else None,
-                         workers=cfg.num_workers) as loader:
+                         workers=cfg.num_workers, cache=self._train_cache) as loader:
             train_points = froc_from_counts(self._counts(forward, loader)["counts"])
         threshold, note = choose_threshold(train_points, cfg.target_sensitivity)
         return {**val, "train_points": train_points, "threshold": threshold, "threshold_note": note}
