@@ -41,13 +41,17 @@ def batches(st: Store) -> list:
 
 
 def test_each_study_reads_back_exactly_whatever_its_batch_neighbours(tmp_path):
-    """Views of different sizes share a batch padded to the largest; each is read back at its own size,
-    its label maps only when annotated, its training level and attrs as prepared."""
+    """A study's views of different sizes share its batch padded to the largest; each is read back at its
+    own size, its label maps only when annotated, its training level and attrs as prepared. Studies of
+    another view size go to another batch (padding them would multiply a batch's memory and reads)."""
     st = new_store(tmp_path)
-    made = [study(0), study(1, shape=(80, 24)), study(2, annotated=False), study(3, views=("unknown",))]
+    uneven = study(4)
+    uneven.views[POSTERIOR] = uneven.views[POSTERIOR][:60, :12].copy()
+    made = [study(0), study(2, annotated=False), study(3, views=("unknown",)), uneven, study(1, shape=(80, 24))]
     with st.writer() as w:
         assert all(w.add(prepare(s, TRAIN)) for s in made)
-    (batch,) = batches(st)
+    batch, other = sorted(batches(st), key=lambda b: zarr.open_group(str(b), mode="r")["native"].shape[0],
+                          reverse=True)
     again = Store.open(st.path)                          # another process's view: the index from disk
     assert again.study_keys() == sorted(s.key for s in made)
     for s in made:
@@ -74,7 +78,8 @@ def test_each_study_reads_back_exactly_whatever_its_batch_neighbours(tmp_path):
     # One file an array, whatever the number of studies; plain zarr opens the batch.
     files = sorted(os.path.relpath(os.path.join(d, f), batch) for d, _, fs in os.walk(batch) for f in fs)
     assert files == sorted(["zarr.json"] + [f"{a}/{n}" for a in ARRAYS for n in ("zarr.json", "c.0.0.0")])
-    assert zarr.open_group(str(batch), mode="r")["native"].shape == (7, 80, 24)
+    assert zarr.open_group(str(batch), mode="r")["native"].shape == (7, 64, 16)
+    assert zarr.open_group(str(other), mode="r")["native"].shape == (2, 80, 24)
     with pytest.raises(StoreError, match="no study 00000000000000ff"):
         again.native_study("00000000000000ff")
 
@@ -123,3 +128,16 @@ def test_a_store_of_the_former_layout_is_refused_with_what_to_do(tmp_path):
     st.root.attrs["version"] = 1
     with pytest.raises(StoreError, match="layout version 1; this wbs-dist reads version 2: ingest the archive again"):
         Store.open(st.path)
+
+
+def test_a_dead_writers_staging_is_cleared_on_its_own_host_only(tmp_path):
+    """`<host>-<pid>` of a pid gone is this host's leftover; `<host>-2-<pid>` is another machine's."""
+    import socket
+
+    st = new_store(tmp_path)
+    host, gone = socket.gethostname(), 4_000_000           # above any pid this machine hands out now
+    mine, theirs = st.path / ".staging" / f"{host}-{gone}", st.path / ".staging" / f"{host}-2-{gone}"
+    for d in (mine, theirs):
+        d.mkdir(parents=True)
+    st.clear_dead_staging()
+    assert not mine.exists() and theirs.exists()

@@ -161,6 +161,32 @@ def test_a_ray_folder_of_another_user_is_refused(loader_store, tmp_path):
     assert not any(theirs.iterdir())
 
 
+def test_rays_folder_is_never_one_others_can_enter(tmp_path, monkeypatch):
+    from wbs_dist import scratch
+    from wbs_dist.errors import UsageError
+
+    made = Path(scratch.private_ray_dir(str(tmp_path / "new")))
+    assert made == tmp_path / "new" / "r" and oct((tmp_path / "new").stat().st_mode & 0o777) == "0o700"
+    shared = tmp_path / "project"
+    shared.mkdir(mode=0o770)
+    shared.chmod(0o770)
+    with pytest.raises(UsageError, match="can be entered by others"):
+        scratch.private_ray_dir(str(shared))
+    assert oct(shared.stat().st_mode & 0o777) == "0o770"              # the user's folder left as it was
+    # The default folder, which earlier versions let Ray open (0777), is taken back...
+    default = tmp_path / "ray-wbs"
+    default.mkdir(mode=0o777)
+    default.chmod(0o777)
+    monkeypatch.setattr(scratch, "default_ray_dir", lambda: default)
+    assert scratch.private_ray_dir(str(default)) == str(default / "r")
+    assert oct(default.stat().st_mode & 0o777) == "0o700"
+    # ... unless someone else made Ray's own folder in it meanwhile.
+    (default / "r").mkdir()
+    os.chown(default / "r", 65534, 65534)
+    with pytest.raises(UsageError, match="not a folder of yours"):
+        scratch.private_ray_dir(str(default))
+
+
 @pytest.mark.slow
 def test_best_yaml_is_a_complete_training_config(sweep, loader_store):
     from wbs_dist.config import load_config

@@ -100,8 +100,10 @@ def batch_entries(folder: Path) -> list[dict] | None:
     a lost shard as zeros)."""
     try:
         attrs = json.loads((folder / "zarr.json").read_text()).get("attributes") or {}
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         return None
+    except OSError as exc:     # EACCES, EIO, ESTALE: not a torn batch, and never one to remove
+        raise OSError(exc.errno, f"cannot read the store's batch {folder / 'zarr.json'}: {exc.strerror}") from None
     studies, files = attrs.get("studies"), attrs.get("shard_files")
     if not isinstance(studies, list) or not isinstance(files, list):
         return None
@@ -154,13 +156,13 @@ class BatchWriter:
 
     `with store.writer() as w: w.add(study)`: leaving the block normally publishes what is left; on an
     exception (a SIGTERM turned into one) the unpublished studies are dropped, and the rerun redoes them.
-    Studies of different native dtypes go to different batches (an array has one dtype)."""
+    Studies of another native dtype or view size go to other batches.""" 
 
     def __init__(self, store: "Store", batch_studies: int = BATCH_STUDIES, batch_bytes: int = BATCH_BYTES):
         if batch_studies < 1:
             raise ValueError(f"batch_studies must be >= 1 (got {batch_studies})")
         self.store, self.batch_studies, self.batch_bytes = store, batch_studies, batch_bytes
-        self._open: dict[str, list[StoredStudy]] = {}
+        self._open: dict[tuple, list[StoredStudy]] = {}
         self._keys: set[str] = set()
         self.published = 0                      # studies published by this writer
 
@@ -171,7 +173,10 @@ class BatchWriter:
         if study.key in self._keys:
             return False
         self._keys.add(study.key)
-        buf = self._open.setdefault(np.dtype(study.native[0].dtype).str, [])
+        # One dtype and one view size a batch: an array has one dtype, and a 2048 x 512 study among
+        # 1024 x 256 ones would pad every plane of the batch to its size (4x the memory and the reads).
+        kind = (np.dtype(study.native[0].dtype).str, tuple(max(p.shape[i] for p in study.native) for i in (0, 1)))
+        buf = self._open.setdefault(kind, [])
         buf.append(study)
         if len(buf) >= self.batch_studies or sum(s.nbytes for s in buf) >= self.batch_bytes:
             self._publish(buf)
@@ -187,7 +192,8 @@ class BatchWriter:
         tmp = self.store.staging() / f"batch-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         entries = write_batch(tmp, buf)
-        publish_dir(tmp, self.store.path / "studies" / name)      # a fresh random name: nobody else's
+        if not publish_dir(tmp, self.store.path / "studies" / name):     # 64 random bits: never seen
+            raise FileExistsError(f"batch {self.store.path / 'studies' / name} exists already; not replaced")
         self.store.indexed(name, entries)
         self.published += len(buf)
         buf.clear()

@@ -30,7 +30,7 @@ from wbs_dist.data.shards import parse_shard, shard_of
 from wbs_dist.data.batches import BATCH_STUDIES, prepare
 from wbs_dist.data.store import Store, store_lock
 from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Budgets, StudyJob, StudySource,
-                                   group_studies, in_archive_order, patient_id_of)
+                                   exception_text, group_studies, in_archive_order, patient_id_of)
 from wbs_dist.data.workers import StudyPool, assemble, worker_state
 from wbs_dist.errors import UsageError
 
@@ -60,7 +60,12 @@ def _batch_task(jobs: list[StudyJob]) -> list[tuple[bool, list[tuple[str, str]]]
     with state["store"].writer(len(jobs)) as writer:
         for job in jobs:
             data, errors = assemble(job)
-            out.append((data is not None and writer.add(prepare(data, state["train_size"])), errors))
+            try:
+                study = None if data is None else prepare(data, state["train_size"])
+            except Exception as exc:  # this study's (a MemoryError resampling it), not its batch's
+                errors.append((job.members[0], f"study could not be prepared ({exception_text(exc)}); skipped"))
+                study = None
+            out.append((study is not None and writer.add(study), errors))
     return out
 
 

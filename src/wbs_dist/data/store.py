@@ -18,6 +18,7 @@ at the end of every ingest and swapped in by rename, so it can never disagree wi
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -32,6 +33,8 @@ from wbs_dist.data.batches import CODEC, BatchWriter, batch_entries
 from wbs_dist.errors import UsageError
 from wbs_dist.lock import Lock, process_start_time
 from wbs_dist.schema import BURDEN_GROUPS, BURDEN_TEXT, LABEL_CODES, TUMOR_TYPES, VIEWS, burden_group
+
+log = logging.getLogger("wbs_dist.store")
 
 FORMAT = "wbs_dist.store"
 # 2: studies in batches (data/batches.py); 1 had a group a study. A version-1 store is refused with
@@ -175,8 +178,9 @@ class Store:
         the shared lock: live writers' folders, and other hosts', are left to the finalize."""
         host = socket.gethostname()
         for folder in (self.path / ".staging").glob(f"{host}-*"):
-            pid = folder.name.rsplit("-", 1)[1]
-            if pid.isdigit() and process_start_time(int(pid)) is None:
+            owner, _, pid = folder.name.rpartition("-")
+            # The host exactly: a host named "<host>-2" is another machine, whose pids mean nothing here.
+            if owner == host and pid.isdigit() and process_start_time(int(pid)) is None:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def retire_lesion_table(self) -> None:
@@ -196,7 +200,11 @@ class Store:
         index: dict[str, tuple[str, int, dict]] = {}
         folder = self.path / "studies"
         for batch in sorted(p for p in folder.iterdir() if p.is_dir()) if folder.exists() else []:
-            for row, entry in enumerate(batch_entries(batch) or []):
+            entries = batch_entries(batch)
+            if entries is None:
+                log.warning("store %s: batch %s is not whole (a file missing); its studies are not read, and the "
+                            "next ingest writes them again", self.path, batch.name)
+            for row, entry in enumerate(entries or []):
                 index.setdefault(entry["key"], (batch.name, row, entry))   # first batch wins a (rare) repeat
         self._index = index
 

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import stat
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import yaml
 
 from wbs_dist.atomic import write_text
+from wbs_dist.scratch import default_ray_dir, private_ray_dir
 from wbs_dist.config import (Config, at_least, check, coerce, control_chars, key, load_config, no_control_chars,
                              parse_override, read_mapping, result_keys)
 from wbs_dist.errors import ConfigError, UsageError, WbsError
@@ -267,24 +267,6 @@ def _check_restorable(exp: Path, spec: TuneSpec, base: Config) -> None:
                           + "); restore those values or choose another name/storage_path")
 
 
-def private_ray_dir(path: str) -> str:
-    """Where local Ray may put its session files: inside `path`, a folder of ours at mode 0700. Ray
-    makes its own temp folder world-writable (0777, measured with Ray 2.60: it expects one /tmp/ray
-    shared by a machine's users), and its logs name the sweep's paths and arguments; a private parent
-    keeps them from other users. A `path` that is someone else's folder, or a link, is refused."""
-    folder = Path(path)
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = folder.lstat()
-    except OSError as exc:
-        raise UsageError(f"tune key 'ray_temp_dir': cannot make {folder} ({exc.strerror or exc})") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise UsageError(f"tune key 'ray_temp_dir': {folder} is not a folder of yours (another user's, or a link); "
-                         "Ray's session files would be theirs to read: choose another")
-    os.chmod(folder, 0o700)
-    return str(folder / "r")
-
-
 def _ray_init(spec: TuneSpec) -> None:
     import ray
 
@@ -292,7 +274,7 @@ def _ray_init(spec: TuneSpec) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])      # a head started by slurm/tune.sh (or any cluster)
     else:
         ray.init(num_cpus=spec.cpus or None, include_dashboard=False,
-                 _temp_dir=private_ray_dir(spec.ray_temp_dir or f"/tmp/ray-wbs-{os.getuid()}"))
+                 _temp_dir=private_ray_dir(spec.ray_temp_dir or str(default_ray_dir())))
 
 
 def run_sweep(spec: TuneSpec, base: Config, param_space: dict | None = None, early_stopping: bool = True) -> list[dict]:
