@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 
 from wbs_dist.atomic import fsync_dir, sync_tree
-from wbs_dist.data.batches import CODEC, BatchWriter, batch_entries
+from wbs_dist.data.batches import BATCH_STUDIES, CODEC, BatchWriter, batch_entries
 from wbs_dist.errors import UsageError
 from wbs_dist.lock import Lock, process_start_time
 from wbs_dist.schema import BURDEN_GROUPS, BURDEN_TEXT, LABEL_CODES, TUMOR_TYPES, VIEWS, burden_group
@@ -272,8 +272,8 @@ class Store:
         batch holds are one read of its shard (bench/store_scale measures what that saves)."""
         by_batch: dict[str, list[tuple[int, int]]] = {}
         for i, key in enumerate(keys):
-            _, row, _ = self._place(key)                 # opens the batch once; names a missing key
-            by_batch.setdefault(self._entries()[key][0], []).append((i, row))
+            batch, row, _ = self._place(key)             # opens the batch once; names a missing key
+            by_batch.setdefault(batch.path.name, []).append((i, row))
         for batch, wanted in by_batch.items():
             g = self._batches[batch]
             # One contiguous slice over the rows wanted: zarr 3.1's orthogonal selection of the same rows
@@ -285,7 +285,7 @@ class Store:
 
     def writer(self, batch_studies: int | None = None) -> BatchWriter:
         """The writer that adds studies to this store (`with store.writer() as w: w.add(prepared)`)."""
-        return BatchWriter(self, batch_studies) if batch_studies else BatchWriter(self)
+        return BatchWriter(self, batch_studies or BATCH_STUDIES)
 
     # -- store-wide groups, replaced whole ------------------------------------------------------------
     def staged_group(self, name: str) -> zarr.Group:
