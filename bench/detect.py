@@ -52,7 +52,8 @@ def detection_figures(studies: dict, detector_run: Path, size: tuple[int, int]) 
     from types import SimpleNamespace
 
     from wbs_dist.detection import match, point
-    from wbs_dist.infer import candidates, learned
+    from wbs_dist.finder import finder_match
+    from wbs_dist.infer import learned
     from wbs_dist.infer.ensemble import Ensemble
     from wbs_dist.preprocess import detection_level
     from wbs_dist.schema import VIEWS
@@ -74,7 +75,7 @@ def detection_figures(studies: dict, detector_run: Path, size: tuple[int, int]) 
         t_learned += time.perf_counter() - t0
         learned_m.append(match(scan.labels, truth))
         t0 = time.perf_counter()
-        classical_m.append(candidates.finder_match(views, labels, *size))
+        classical_m.append(finder_match(views, labels, *size))
         t_classical += time.perf_counter() - t0
     n = len(learned_m)
     return {"studies": n, "learned": {**point(None, learned_m), "seconds_per_study": t_learned / n},

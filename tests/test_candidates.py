@@ -11,7 +11,7 @@ both views but is delineated on one), which are counted apart.
 import numpy as np
 import pytest
 
-from wbs_dist.infer.candidates import find_candidates
+from wbs_dist.finder import find_candidates
 from wbs_dist.synth import COLS, VIEWS, make_study
 
 HELD_OUT_SEED = 4242

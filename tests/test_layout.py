@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "wbs_dist"
 MODULES = sorted(p for p in SRC.rglob("*.py"))
 
 # Where each part of the package may import from (besides itself and the standard library).
-SHARED = {"errors", "schema", "atomic", "config", "preprocess", "lock", "scratch", "detection"}
+SHARED = {"errors", "schema", "atomic", "config", "preprocess", "lock", "scratch", "detection", "finder"}
 ALLOWED = {
     "shared": SHARED,
     "data": SHARED | {"data"},

@@ -160,6 +160,12 @@ class Config:
     target_sensitivity: float = key(0.95, "task=detect: the operating threshold is the highest whose lesion "
                                     "sensitivity on the training folds reaches this",
                                     lambda v: None if 0 < v <= 1 else "must be in (0, 1]")
+    non_lesions: int = key(0, "task=classify: add up to this many of each training study's hot-spot finder "
+                           "candidates that match no delineated lesion (nor its other-view appearance), hottest "
+                           "first, as benign training lesions; they are painted into the study's label map, so "
+                           "every training sample of the study also sees them as other lesions, as a scored "
+                           "study shows the scorer's candidates. Validation stays the delineated lesions. "
+                           "0 = the study's protocol (delineated lesions only)", at_least(0))
     patch_rows: int = key(0, "task=detect: train on patches of this many rows of the whole width (both views), a "
                           "third of them on a lesion (nnU-Net's foreground oversampling); 0 = whole studies; "
                           "validation and scoring always see whole studies", at_least(0))

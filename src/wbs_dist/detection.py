@@ -4,7 +4,7 @@ operating threshold chosen on training folds only.
 
 A detector (or the classical hot-spot finder) proposes connected components on a study's image; a
 true lesion is **found** when a proposed component overlaps it with overlap coefficient
-|C n L| / min(|C|, |L|) > 0.3 (Szymkiewicz-Simpson: the finder's criterion, infer/candidates.py; a
+|C n L| / min(|C|, |L|) > 0.3 (Szymkiewicz-Simpson: the finder's criterion, finder.py; a
 component that takes in the joint under a lesion still finds it, where IoU would not), and a
 component that finds no lesion is a **false positive**. A component may find several lesions (two
 touching metastases), and a lesion may be found by several components; neither is a false
@@ -99,9 +99,8 @@ def _hits(proposed: np.ndarray, truth: np.ndarray, comp_ids, comp_area, overlap:
     return pairs[:, (inter / np.minimum(comp, les) > overlap) & (comp <= MAX_AREA_RATIO * les)].T
 
 
-def match(proposed: np.ndarray, truth: np.ndarray, overlap: float = OVERLAP) -> Match:
-    """Match a label map of proposed components against the study's lesion label map (ids > 0;
-    ids >= COPY: other-view appearances, see with_copies)."""
+def _sorted(proposed: np.ndarray, truth: np.ndarray, overlap: float):
+    """(component ids, (component, lesion) hits on delineations, components on copies only, lesions)."""
     proposed, truth = np.asarray(proposed), np.asarray(truth)
     if proposed.shape != truth.shape:
         raise ValueError(f"proposed components {proposed.shape} and lesion map {truth.shape} differ in shape")
@@ -109,12 +108,26 @@ def match(proposed: np.ndarray, truth: np.ndarray, overlap: float = OVERLAP) -> 
     copy = truth >= COPY
     delineated = np.where(copy, 0, truth)
     hit = _hits(proposed, delineated, comp_ids, comp_area, overlap)
-    true_components = set(hit[:, 0].tolist())
     on_copy = set(_hits(proposed, np.where(copy, truth, 0), comp_ids, comp_area, overlap)[:, 0].tolist())
-    copies = len(on_copy - true_components)
     lesions = int(np.unique(delineated[delineated > 0]).size)
-    return Match(lesions, len(set(hit[:, 1].tolist())), int(comp_ids.size) - len(true_components) - copies,
-                 int(comp_ids.size), copies)
+    return comp_ids, hit, on_copy - set(hit[:, 0].tolist()), lesions
+
+
+def match(proposed: np.ndarray, truth: np.ndarray, overlap: float = OVERLAP) -> Match:
+    """Match a label map of proposed components against the study's lesion label map (ids > 0;
+    ids >= COPY: other-view appearances, see with_copies)."""
+    comp_ids, hit, copies, lesions = _sorted(proposed, truth, overlap)
+    true_components = len(set(hit[:, 0].tolist()))
+    return Match(lesions, len(set(hit[:, 1].tolist())), int(comp_ids.size) - true_components - len(copies),
+                 int(comp_ids.size), len(copies))
+
+
+def false_components(proposed: np.ndarray, truth: np.ndarray, overlap: float = OVERLAP) -> list[int]:
+    """The ids of the proposed components that `match` counts false: they find no delineated lesion
+    and lie on no lesion's other-view appearance."""
+    comp_ids, hit, copies, _ = _sorted(proposed, truth, overlap)
+    keep = set(hit[:, 0].tolist()) | copies
+    return [int(c) for c in comp_ids if int(c) not in keep]
 
 
 def froc(probs: Sequence[np.ndarray], truths: Sequence[np.ndarray],

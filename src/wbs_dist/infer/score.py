@@ -56,13 +56,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from wbs_dist import finder
 from wbs_dist.atomic import PRIVATE, write_csv
 from wbs_dist.data.shards import parse_shard, shard_of
 from wbs_dist.data.studies import (DEFAULT_MAX_OBJECT_MB, DEFAULT_MAX_VIEWS, Budgets, StudyJob, StudySource,
                                    group_studies, in_archive_order, patient_id_of)
 from wbs_dist.data.workers import StudyPool, assemble, worker_state
 from wbs_dist.errors import UsageError
-from wbs_dist.infer import candidates, learned
+from wbs_dist.infer import learned
 from wbs_dist.infer.ensemble import finished_folds
 from wbs_dist.infer.known import ENSEMBLE, known_patients
 from wbs_dist.infer.parts import PART_FORMAT, Parts, errors_path, merge, summary_path
@@ -134,7 +135,7 @@ def _study_task(job: StudyJob) -> StudyResult:
         res.source, labels, lesions = "learned", {}, []       # the main process runs the detector (learned.py)
     else:
         res.source = "candidates"
-        labels, regions = candidates.find_candidates(views)
+        labels, regions = finder.find_candidates(views)
         lesions = [(reg.label, reg.view, "") for reg in regions]
     res.views = sorted(views, key=view_order)
     height, width = worker_state()["size"]
@@ -257,7 +258,7 @@ def score_archive(archive: Path, run: Path, out: Path, fold: int | None = None,
                     ensemble.detector = learned.load_detector(detector, fold, ensemble.split, explicit)
                 fingerprint = {"format": PART_FORMAT, "archive": str(Path(archive).resolve()),
                                "annotations": str(Path(annotations).resolve()) if annotations else None,
-                               "run": ensemble.fingerprint(), "candidates": candidates.PARAMETERS,
+                               "run": ensemble.fingerprint(), "candidates": finder.PARAMETERS,
                                "known": known.fingerprint(), "from": candidates_from,
                                "detector": ensemble.detector.fingerprint() if ensemble.detector else None}
                 out.parent.mkdir(parents=True, exist_ok=True)

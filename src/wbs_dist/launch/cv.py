@@ -102,7 +102,7 @@ def _detection_report(cfg: Config) -> CvResult:
     folds chose) pooled into RUN_DIR/report/."""
     from wbs_dist.data.store import Store
     from wbs_dist.evaluate.detection_report import write_detection_report
-    from wbs_dist.infer.candidates import finder_point
+    from wbs_dist.finder import finder_point
     from wbs_dist.train.detector import study_index
 
     folds = {}

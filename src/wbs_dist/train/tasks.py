@@ -31,7 +31,7 @@ from wbs_dist.data.store import Store, int_to_key
 from wbs_dist.errors import ConfigError
 from wbs_dist.schema import TUMOR_TYPES, VIEWS
 from wbs_dist.train import ddp
-from wbs_dist.train.dataset import LesionIndex, fold_indices, training_folds
+from wbs_dist.train.dataset import LesionIndex, fold_indices, training_folds, with_non_lesions
 from wbs_dist.train.models import AUX_LOSS_WEIGHT, build_model, split_logits
 from wbs_dist.train.rundir import FoldDir
 
@@ -44,6 +44,9 @@ def make_task(cfg: Config, store: Store, fold: int, device: torch.device, world:
                           f"{'classifier' if detector else 'detector (' + ', '.join(DETECTORS) + ')'} as model")
     if cfg.patch_rows and not detector:
         raise ConfigError("config key 'patch_rows' is for task=detect (a classifier sees whole studies): set 0")
+    if cfg.non_lesions and detector:
+        raise ConfigError("config key 'non_lesions' is for task=classify (a detector learns every study's "
+                          "background already): set 0")
     return (DetectTask if detector else ClassifyTask)(cfg, store, fold, device, world, rank)
 
 
@@ -63,6 +66,8 @@ class ClassifyTask:
     def __init__(self, cfg: Config, store: Store, fold: int, device: torch.device, world: int, rank: int):
         self.cfg, self.fold, self.device, self.world, self.rank = cfg, fold, device, world, rank
         self.train_index, self.val_index = fold_indices(store, cfg, fold)
+        if cfg.non_lesions:                # training only: validation is the study's protocol
+            self.train_index = with_non_lesions(self.train_index, store, cfg.non_lesions, world, rank)
         pos = self.train_index.label.sum()
         neg = len(self.train_index) - pos
         self.pos_weight = torch.tensor(neg / max(pos, 1.0) if cfg.class_weighting else 1.0, device=device)
